@@ -1,0 +1,268 @@
+"""build_dataset(): the datasets behind --data-set; build_transform(): DeiT, 3-Augment and small-image pipelines."""
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, rand_augment_transform
+from timm.data.random_erasing import RandomErasing
+from torchvision import datasets, transforms
+
+from utils import UserError
+
+DATASETS = ('IMNET', 'FOLDER', 'CIFAR10', 'CIFAR100', 'INAT18', 'INAT19', 'DIGITS', 'FAKE')
+SMALL_IMAGE_MAX = 64  # inputs of this many pixels or fewer get the small-image pipeline
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+def resolve_data_set(args):
+    """--data-set defaults to IMNET when --data-path is given (DeiT's behaviour), else to the embedded DIGITS."""
+    if args.data_set is None:
+        args.data_set = 'IMNET' if args.data_path else 'DIGITS'
+    return args.data_set
+
+
+def build_dataset(is_train, args):
+    """Return (dataset, class_names) for the split; class indices are positions in class_names."""
+    transform = build_transform(is_train, args)
+    builder = {'IMNET': _image_folder, 'FOLDER': _image_folder, 'CIFAR10': _cifar, 'CIFAR100': _cifar,
+               'INAT18': _inat, 'INAT19': _inat, 'DIGITS': _digits, 'FAKE': _fake}[args.data_set]
+    return builder(is_train, args, transform)
+
+
+def check_same_classes(train_classes, val_classes):
+    if list(train_classes) != list(val_classes):
+        only_train = sorted(set(train_classes) - set(val_classes))[:5]
+        only_val = sorted(set(val_classes) - set(train_classes))[:5]
+        raise UserError(f'train and val classes differ (only in train: {only_train}, only in val: {only_val}); '
+                        'give both splits the same class folders')
+
+
+# ---------------------------------------------------------------- image loading
+
+def load_rgb(path):
+    """Open any common image as 8-bit RGB: grayscale, palette, CMYK, 16-bit and alpha images are converted."""
+    with open(path, 'rb') as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8), 'L')
+    if img.mode == 'P' and 'transparency' in img.info:
+        img = img.convert('RGBA')
+    if img.mode in ('RGBA', 'LA', 'PA'):
+        background = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert('RGBA'))
+    return img.convert('RGB')
+
+
+def _image_folder(is_train, args, transform):
+    root = _require_folder(args.data_path, '--data-path', 'a folder holding train/ and val/ class folders')
+    split = os.path.join(root, 'train' if is_train else 'val')
+    _require_folder(split, f'{args.data_set} split', 'a train/ and a val/ folder with one sub-folder per class')
+    other = os.path.join(root, 'val' if is_train else 'train')
+    _require_folder(other, f'{args.data_set} split', 'a train/ and a val/ folder with one sub-folder per class')
+    check_same_classes(_class_folders(os.path.join(root, 'train')), _class_folders(os.path.join(root, 'val')))
+    try:
+        dataset = datasets.ImageFolder(split, transform=transform, loader=load_rgb,
+                                       is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
+    except FileNotFoundError as e:
+        raise UserError(f'{split}: {e}; put at least one JPEG or PNG image in every class folder') from e
+    return dataset, dataset.classes
+
+
+def _class_folders(split):
+    return sorted(e.name for e in os.scandir(split) if e.is_dir())
+
+
+def _require_folder(path, what, expected):
+    if not path:
+        raise UserError(f'{what} is not set; pass {expected}')
+    if not os.path.isdir(path):
+        raise UserError(f'{what} {path} does not exist or is not a folder; pass {expected}')
+    return path
+
+
+# ---------------------------------------------------------------- other datasets
+
+def _cifar(is_train, args, transform):
+    cls = datasets.CIFAR10 if args.data_set == 'CIFAR10' else datasets.CIFAR100
+    root = args.data_path or 'data'
+    try:
+        dataset = cls(root, train=is_train, transform=transform, download=args.download)
+    except RuntimeError as e:
+        raise UserError(f'{args.data_set} not found under {root} ({e}); pass --data-path to the folder holding '
+                        f'torchvision\'s {cls.base_folder}/ or add --download') from e
+    return dataset, dataset.classes
+
+
+class INatDataset(torch.utils.data.Dataset):
+    """iNaturalist 2018 / 2019 in DeiT's layout: train{year}.json, val{year}.json and categories.json.
+
+    Classes are the distinct values of `category` (e.g. 'name', 'genus') in the train annotations.
+    """
+
+    def __init__(self, root, train, year, category, transform=None):
+        self.transform = transform
+        categories = _read_json(os.path.join(root, 'categories.json'))
+        train_json = _read_json(os.path.join(root, f'train{year}.json'))
+        split_json = train_json if train else _read_json(os.path.join(root, f'val{year}.json'))
+        self.classes = []
+        class_index = {}
+        for ann in train_json['annotations']:
+            key = categories[int(ann['category_id'])][category]
+            if key not in class_index:
+                class_index[key] = len(self.classes)
+                self.classes.append(key)
+        self.samples = []
+        for image in split_json['images']:
+            parts = image['file_name'].split('/')
+            category_id = int(parts[2])
+            path = os.path.join(root, parts[0], parts[2], parts[3])
+            self.samples.append((path, class_index[categories[category_id][category]]))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform else img), target
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        raise UserError(f'{path} is missing; --data-path must hold DeiT\'s iNat layout '
+                        '(train<year>.json, val<year>.json, categories.json)')
+    with open(path) as f:
+        return json.load(f)
+
+
+def _inat(is_train, args, transform):
+    root = _require_folder(args.data_path, '--data-path', 'the iNaturalist folder with its json files')
+    year = 2018 if args.data_set == 'INAT18' else 2019
+    dataset = INatDataset(root, is_train, year, args.inat_category, transform)
+    return dataset, dataset.classes
+
+
+class ArrayImageDataset(torch.utils.data.Dataset):
+    """Images held in memory as a uint8 array (N, H, W) or (N, H, W, 3)."""
+
+    def __init__(self, images, targets, classes, transform=None):
+        self.images, self.targets, self.classes, self.transform = images, targets, classes, transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        img = Image.fromarray(self.images[index]).convert('RGB')
+        return (self.transform(img) if self.transform else img), int(self.targets[index])
+
+
+def digits_split(is_train, seed=0, val_fraction=0.2):
+    """The 1,797 8x8 handwritten digits that ship with scikit-learn, split 80/20 with a fixed seed."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_val = int(round(len(images) * val_fraction))
+    chosen = order[n_val:] if is_train else order[:n_val]
+    return images[chosen], digits.target[chosen]
+
+
+def _digits(is_train, args, transform):
+    images, targets = digits_split(is_train)
+    classes = [str(i) for i in range(10)]
+    return ArrayImageDataset(images, targets, classes, transform), classes
+
+
+def _fake(is_train, args, transform):
+    size = args.fake_size if is_train else max(args.fake_size // 5, 1)
+    dataset = datasets.FakeData(size=size, image_size=(3, args.input_size, args.input_size),
+                                num_classes=args.fake_classes, transform=transform,
+                                random_offset=0 if is_train else 10_000_000)
+    return dataset, [str(i) for i in range(args.fake_classes)]
+
+
+# ---------------------------------------------------------------- transforms
+
+def build_transform(is_train, args):
+    size = args.input_size
+    if not is_train:
+        return _eval_transform(size, args)
+    if args.ThreeAugment:
+        return three_augment_transform(size, args)
+    if size <= SMALL_IMAGE_MAX:
+        return small_image_transform(size, args)
+    return create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
+                            auto_augment=_aa(args), interpolation=args.train_interpolation, re_prob=args.reprob,
+                            re_mode=args.remode, re_count=args.recount, hflip=args.hflip,
+                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+def _aa(args):
+    return None if args.aa in (None, '', 'none') else args.aa
+
+
+def _normalize():
+    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+
+
+def _eval_transform(size, args):
+    if size <= SMALL_IMAGE_MAX:
+        return transforms.Compose([transforms.Resize((size, size), interpolation=_interp('bicubic'))]
+                                  + _normalize())
+    resize = int(size / args.eval_crop_ratio)
+    return transforms.Compose([transforms.Resize(resize, interpolation=_interp('bicubic')),
+                               transforms.CenterCrop(size)] + _normalize())
+
+
+def _interp(name):
+    mode = {'bicubic': 'BICUBIC', 'bilinear': 'BILINEAR', 'nearest': 'NEAREST'}.get(name, 'BICUBIC')
+    return getattr(transforms.InterpolationMode, mode)
+
+
+def small_image_transform(size, args):
+    """For inputs of 64 px or less: resize to size, padded random crop, flip, optional RandAugment, erasing."""
+    steps = [transforms.Resize((size, size), interpolation=_interp('bicubic')),
+             transforms.RandomCrop(size, padding=max(size // 8, 1), padding_mode='reflect'),
+             transforms.RandomHorizontalFlip(args.hflip)]
+    if _aa(args):
+        mean_pixel = tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN)
+        steps.append(rand_augment_transform(args.aa, {'translate_const': int(size * 0.45), 'img_mean': mean_pixel}))
+    steps += _normalize()
+    if args.reprob > 0:
+        steps.append(RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device='cpu'))
+    return transforms.Compose(steps)
+
+
+class _Solarize:
+    def __call__(self, img):
+        return ImageOps.solarize(img)
+
+
+class _GaussianBlur:
+    def __init__(self, radius_min=0.1, radius_max=2.0):
+        self.radius_min, self.radius_max = radius_min, radius_max
+
+    def __call__(self, img):
+        radius = self.radius_min + float(torch.rand(())) * (self.radius_max - self.radius_min)
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+def three_augment_transform(size, args):
+    """DeiT III's 3-Augment: crop (RandomResizedCrop, or Simple Random Crop with --src), flip, one of
+    grayscale / solarize / blur, colour jitter."""
+    if args.src:
+        crop = [transforms.Resize(size, interpolation=_interp(args.train_interpolation)),
+                transforms.RandomCrop(size, padding=4, padding_mode='reflect')]
+    else:
+        crop = [transforms.RandomResizedCrop(size, interpolation=_interp(args.train_interpolation))]
+    steps = crop + [transforms.RandomHorizontalFlip(args.hflip),
+                    transforms.RandomChoice([transforms.Grayscale(num_output_channels=3), _Solarize(),
+                                             _GaussianBlur()])]
+    if args.color_jitter:
+        steps.append(transforms.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
+    return transforms.Compose(steps + _normalize())

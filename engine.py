@@ -1,0 +1,149 @@
+"""The train and eval loops, written out step by step. No flag parsing here."""
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import utils
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    """What the loop needs besides model and data, so train_one_epoch keeps a short signature."""
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object                 # anything with step_update(num_updates) -> sets the LR
+    scaler: torch.amp.GradScaler
+    amp_dtype: Optional[torch.dtype] = None
+    mixup_fn: Optional[Callable] = None
+    model_ema: Optional[torch.nn.Module] = None
+    accum_iter: int = 1
+    clip_grad: Optional[float] = None
+    updates_per_epoch: int = 1
+    print_freq: int = 10
+    after_update: Optional[Callable] = None  # (epoch, updates_done_in_epoch) -> True to stop the epoch
+
+
+def autocast(device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, 'module', model)
+    return getattr(model, '_orig_mod', model)
+
+
+def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, start_step=0):
+    """Train one epoch from update `start_step` on (a resumed epoch skips what it had done).
+
+    Returns the averaged metrics and whether after_update asked to stop early.
+    """
+    model.train()
+    optimizer, accum = state.optimizer, state.accum_iter
+    metrics = utils.MetricLogger()
+    total = state.updates_per_epoch
+    num_micro = (len(loader) // accum) * accum
+    window_start, window_images, stopped = time.time(), 0, False
+    epoch_start = time.time()
+    optimizer.zero_grad(set_to_none=True)
+    for i, (samples, targets) in enumerate(loader):
+        if i >= num_micro:
+            break
+        micro, update = i % accum, start_step + i // accum
+        if micro == 0:
+            state.lr_scheduler.step_update(epoch * total + update)
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if state.mixup_fn is not None:
+            samples, targets = state.mixup_fn(samples, targets)
+
+        is_last_micro = micro == accum - 1
+        # Inner micro-steps of an accumulation skip DDP's gradient all-reduce.
+        sync_ctx = model.no_sync() if (not is_last_micro and hasattr(model, 'no_sync')) else nullcontext()
+        with sync_ctx:
+            with autocast(device, state.amp_dtype):
+                outputs = model(samples)
+                loss = criterion(samples, outputs, targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, step {update} '
+                                         f'(of {total}); stopping without touching the last checkpoint')
+            state.scaler.scale(loss / accum).backward()
+        metrics.update(loss=loss_value, n=samples.shape[0])
+        window_images += samples.shape[0]
+        if not is_last_micro:
+            continue
+
+        if state.clip_grad:
+            state.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), state.clip_grad)
+        state.scaler.step(optimizer)
+        state.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if state.model_ema is not None:
+            state.model_ema.update(unwrap(model), step=epoch * total + update)
+        done = update + 1
+        lr = optimizer.param_groups[0]['lr']
+        metrics.update(lr=lr)
+        if done % state.print_freq == 0 or done == total:
+            window_start, window_images = _print_progress(epoch, done, total, metrics, lr, window_start,
+                                                          window_images, epoch_start, start_step)
+        if state.after_update is not None and state.after_update(epoch, done):
+            stopped = True
+            break
+    metrics.synchronize(device)
+    stats = metrics.averages()
+    stats['images_per_sec'] = metrics.meters['loss'].count * utils.get_world_size() / max(
+        time.time() - epoch_start, 1e-9)
+    return stats, stopped
+
+
+def _print_progress(epoch, done, total, metrics, lr, window_start, window_images, epoch_start, start_step):
+    now = time.time()
+    if utils.is_main_process():
+        img_s = window_images * utils.get_world_size() / max(now - window_start, 1e-9)
+        per_update = (now - epoch_start) / max(done - start_step, 1)
+        eta = utils.format_seconds(per_update * (total - done))
+        print(f'Epoch: [{epoch}] [{done}/{total}] loss {metrics.meters["loss"].median:.4f} '
+              f'({metrics.meters["loss"].global_avg:.4f}) lr {lr:.3e} img/s {img_s:.1f} eta {eta}', flush=True)
+    return now, 0
+
+
+@torch.no_grad()
+def evaluate(loader, model, device, amp_dtype=None, distributed=False, prefix=''):
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader's images.
+
+    With `distributed`, each rank has scored its own share of the images and the sums are combined,
+    so every image counts exactly once.
+    """
+    model.eval()
+    loss_sum = correct1 = correct5 = count = 0.0
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            output = model(images)
+        output = output.float()
+        loss_sum += F.cross_entropy(output, targets, reduction='sum').item()
+        top = output.topk(min(5, output.shape[1]), dim=1).indices
+        hits = top.eq(targets[:, None])
+        correct1 += hits[:, :1].sum().item()
+        correct5 += hits.sum().item()
+        count += images.shape[0]
+    if distributed:
+        loss_sum, correct1, correct5, count = utils.all_reduce_sum([loss_sum, correct1, correct5, count], device)
+    count = max(count, 1)
+    stats = {'acc1': 100.0 * correct1 / count, 'acc5': 100.0 * correct5 / count, 'loss': loss_sum / count,
+             'images': int(count)}
+    if utils.is_main_process():
+        print(f'{prefix}* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}',
+              flush=True)
+    return stats

@@ -1,0 +1,468 @@
+"""Train and evaluate DeiT-style vision transformers: flags -> build everything -> epoch loop."""
+import argparse
+import difflib
+import math
+import os
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+import timm
+from timm.data import Mixup
+from timm.layers import resample_abs_pos_embed
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+
+import engine
+import losses
+import models  # noqa: F401 - registers our model families in timm
+import utils
+from datasets import DATASETS, build_dataset, resolve_data_set
+from samplers import EvalSampler, RASampler, SeededDataset
+from utils import UserError
+
+CHECKPOINT = 'checkpoint.pth'
+BEST_CHECKPOINT = 'best_checkpoint.pth'
+# Config entries that must agree before a checkpoint in output_dir is taken as this run's own.
+RUN_IDENTITY = ('model', 'data_set', 'input_size', 'nb_classes')
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('DeiT-style training and evaluation', add_help=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('training')
+    g.add_argument('--batch-size', default=64, type=int, help='images per process per step')
+    g.add_argument('--epochs', default=300, type=int)
+    g.add_argument('--accum-iter', default=1, type=int, help='micro-batches accumulated per optimizer update')
+    g.add_argument('--bce-loss', action='store_true', help='binary cross-entropy instead of softmax CE')
+    g.add_argument('--unscale-lr', action='store_true', help='do not scale --lr by global batch / 512')
+    g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
+                   help='autocast precision; auto = bf16 on CUDA, none on CPU')
+    g.add_argument('--compile', action='store_true', help='torch.compile the training model')
+
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='NAME',
+                   help='any timm model name, or one of ours from models.py')
+    g.add_argument('--input-size', default=224, type=int, help='image side in pixels')
+    g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    g.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='stochastic depth rate')
+    g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (default on)')
+    g.add_argument('--no-model-ema', action='store_false', dest='model_ema')
+    p.set_defaults(model_ema=True)
+    g.add_argument('--model-ema-decay', type=float, default=0.99996)
+    g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA weights on the CPU')
+
+    g = p.add_argument_group('optimizer')
+    g.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER', help='any timm optimizer name')
+    g.add_argument('--opt-eps', default=1e-8, type=float, metavar='EPSILON')
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='max gradient norm')
+    g.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='not applied to norms, biases, '
+                   'position embeddings and tokens')
+
+    g = p.add_argument_group('learning-rate schedule (stepped every update)')
+    g.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER',
+                   help='timm scheduler: cosine, tanh, step, multistep, poly')
+    g.add_argument('--lr', type=float, default=5e-4, help='for a global batch of 512 (see --unscale-lr)')
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+                   help='epoch fractions where LR noise starts / ends')
+    g.add_argument('--lr-noise-pct', type=float, default=0.67)
+    g.add_argument('--lr-noise-std', type=float, default=1.0)
+    g.add_argument('--warmup-lr', type=float, default=1e-6)
+    g.add_argument('--min-lr', type=float, default=1e-5)
+    g.add_argument('--decay-epochs', type=float, default=30, help='step schedule period')
+    g.add_argument('--warmup-epochs', type=int, default=5, help='0 for no warm-up')
+    g.add_argument('--cooldown-epochs', type=int, default=10,
+                   help='last epochs held at --min-lr; included in --epochs')
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+
+    g = p.add_argument_group('augmentation')
+    g.add_argument('--color-jitter', type=float, default=0.3, metavar='PCT')
+    g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                   help='timm auto-augment policy, or "none"')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--train-interpolation', type=str, default='bicubic',
+                   help='random, bilinear or bicubic')
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    g.add_argument('--repeated-aug', action='store_true', help='repeated augmentation (default on)')
+    g.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
+    p.set_defaults(repeated_aug=True)
+    g.add_argument('--ThreeAugment', action='store_true', help="DeiT III's 3-Augment")
+    g.add_argument('--src', action='store_true', help='simple random crop (with --ThreeAugment)')
+    g.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erase probability')
+    g.add_argument('--remode', type=str, default='pixel', help='random erase mode')
+    g.add_argument('--recount', type=int, default=1, help='random erase count')
+
+    g = p.add_argument_group('mixup / cutmix')
+    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha; 0 disables')
+    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha; 0 disables')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix ratio bounds')
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', type=str, default='batch', choices=['batch', 'pair', 'elem'])
+
+    g = p.add_argument_group('fine-tuning')
+    g.add_argument('--finetune', default='', help='checkpoint to start from; head and position embedding '
+                   'are adapted to this run')
+
+    g = p.add_argument_group('data')
+    g.add_argument('--data-path', default=None, type=str, help='dataset root')
+    g.add_argument('--data-set', default=None, choices=DATASETS,
+                   help='default: IMNET with --data-path, else the embedded DIGITS')
+    g.add_argument('--inat-category', default='name',
+                   choices=['kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'])
+    g.add_argument('--download', action='store_true', help='let CIFAR10/100 download when missing')
+    g.add_argument('--fake-size', default=1280, type=int, help='FAKE: training images (val gets a fifth)')
+    g.add_argument('--fake-classes', default=1000, type=int, help='FAKE: number of classes')
+    g.add_argument('--num_workers', default=10, type=int)
+    g.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the DataLoader (default on)')
+    g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
+    p.set_defaults(pin_mem=True)
+
+    g = p.add_argument_group('run')
+    g.add_argument('--output_dir', default='', help='where checkpoints and logs go; empty: save nothing')
+    g.add_argument('--device', default='auto', help='cuda, cuda:N, cpu, or auto (cuda when available)')
+    g.add_argument('--seed', default=0, type=int)
+    g.add_argument('--resume', default='', help='checkpoint path or URL to resume from')
+    g.add_argument('--start_epoch', default=0, type=int, metavar='N', help='first epoch when not resuming')
+    g.add_argument('--eval', action='store_true', help='evaluate only')
+    g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='center-crop ratio at evaluation')
+    g.add_argument('--dist-eval', action='store_true', help='split evaluation over ranks')
+    g.add_argument('--print-freq', default=10, type=int, help='progress line every N updates')
+
+    g = p.add_argument_group('distributed')
+    g.add_argument('--dist_url', default='env://', help='process-group init method')
+    g.add_argument('--dist-backend', default=None, help='default: nccl on CUDA, gloo on CPU')
+    g.add_argument('--dist-timeout', default=30, type=int, help='minutes before a hung collective fails')
+
+    g = p.add_argument_group('help')
+    g.add_argument('-h', '--help', action='help', help='show this message and exit')
+    return p
+
+
+# ---------------------------------------------------------------- building blocks
+
+def resolve_device(args):
+    if args.device == 'auto':
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f'--device {args.device} asked for, but CUDA is not available; pass --device cpu')
+    if args.amp == 'auto':
+        args.amp = 'bf16' if args.device.startswith('cuda') else 'none'
+    return args
+
+
+def amp_dtype(args):
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
+
+
+def build_model(args):
+    if not timm.is_model(args.model):
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
+        hint = f'did you mean {", ".join(close)}?' if close else 'see timm.list_models() for the names'
+        raise UserError(f'unknown model {args.model}; {hint}')
+    kwargs = dict(num_classes=args.nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    native = timm.get_pretrained_cfg_value(args.model, 'input_size')
+    if native is not None and native[-1] != args.input_size:
+        kwargs['img_size'] = args.input_size
+    try:
+        model = timm.create_model(args.model, pretrained=False, **kwargs)
+    except (TypeError, AssertionError, ValueError) as e:
+        raise UserError(f'model {args.model} cannot be built at --input-size {args.input_size} ({e}); '
+                        'pass a size the model supports') from e
+    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+    if patch is not None and args.input_size % patch[0]:
+        raise UserError(f'--input-size {args.input_size} is not a multiple of {args.model}\'s patch size '
+                        f'{patch[0]}; pass a multiple such as {args.input_size // patch[0] * patch[0] or patch[0]}')
+    return model
+
+
+def load_finetune_weights(model, path):
+    """Start from another run's weights: drop a head of another class count, resize the position embedding."""
+    state = utils.load_checkpoint(path)
+    state = state.get('model', state)
+    own = model.state_dict()
+    for key in [k for k in state if k.startswith(('head.', 'head_dist.'))]:
+        if key in own and state[key].shape != own[key].shape:
+            print(f'| finetune: dropping {key} {tuple(state[key].shape)} (model has {tuple(own[key].shape)})')
+            del state[key]
+    if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
+        prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens
+        new_grid = model.patch_embed.grid_size
+        old_tokens = state['pos_embed'].shape[1] - prefix
+        old_side = int(math.sqrt(old_tokens))
+        state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=list(new_grid),
+                                                    old_size=[old_side, old_side], num_prefix_tokens=prefix)
+        print(f'| finetune: position embedding {old_side}x{old_side} -> {new_grid[0]}x{new_grid[1]}')
+    result = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in result.unexpected_keys]
+    if unexpected:
+        raise UserError(f'--finetune {path} holds weights this model lacks ({unexpected[:3]}...); '
+                        f'is it a checkpoint of another model?')
+    print(f'| finetune: loaded {path}; newly initialised: {result.missing_keys}')
+
+
+def build_loaders(args, dataset_train, dataset_val):
+    world, rank = utils.get_world_size(), utils.get_rank()
+    sampler_train = RASampler(len(dataset_train), world, rank, shuffle=True,
+                              num_repeats=3 if args.repeated_aug else 1, seed=args.seed)
+    eval_share = EvalSampler(len(dataset_val), world if args.dist_eval else 1, rank if args.dist_eval else 0)
+    common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith('cuda'),
+                  persistent_workers=args.num_workers > 0)
+    if args.num_workers > 0:
+        common['prefetch_factor'] = 4
+    loader_train = DataLoader(SeededDataset(dataset_train), sampler=sampler_train, batch_size=args.batch_size,
+                              drop_last=True, generator=torch.Generator().manual_seed(args.seed), **common)
+    loader_val = DataLoader(dataset_val, sampler=eval_share, batch_size=int(1.5 * args.batch_size),
+                            drop_last=False, **common)
+    return loader_train, loader_val
+
+
+def updates_per_epoch(args, num_train_items):
+    world = utils.get_world_size()
+    per_rank = math.ceil(num_train_items / world)
+    updates = per_rank // args.batch_size // args.accum_iter
+    if updates < 1:
+        raise UserError(f'the training set has {num_train_items} images, fewer than one update needs '
+                        f'({args.batch_size} x {world} ranks x {args.accum_iter} accum-iter); '
+                        'lower --batch-size or --accum-iter')
+    return updates
+
+
+def scale_lr(args):
+    global_batch = args.batch_size * utils.get_world_size() * args.accum_iter
+    if not args.unscale_lr:
+        args.lr = args.lr * global_batch / 512.0
+    return args.lr
+
+
+def build_scheduler(args, optimizer, n_updates):
+    """timm's schedule stepped every update; --epochs is the total and includes --cooldown-epochs."""
+    cooldown = min(args.cooldown_epochs, max(args.epochs - args.warmup_epochs - 1, 0))
+    if cooldown != args.cooldown_epochs and utils.is_main_process():
+        print(f'| note: --cooldown-epochs {args.cooldown_epochs} leaves no decay in {args.epochs} epochs; '
+              f'using {cooldown}')
+    noise = [n * args.epochs for n in args.lr_noise] if args.lr_noise else None
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs - cooldown, decay_epochs=args.decay_epochs,
+        cooldown_epochs=cooldown, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, noise=noise, noise_pct=args.lr_noise_pct,
+        noise_std=args.lr_noise_std, noise_seed=args.seed, step_on_epochs=False, updates_per_epoch=n_updates)
+    return scheduler
+
+
+def build_optimizer(args, model, device):
+    """timm's factory; weight decay skips norms, biases and the model's no_weight_decay() names."""
+    extra = {}
+    if args.opt_betas is not None:
+        extra['betas'] = tuple(args.opt_betas)
+    if args.opt == 'adamw' and device.type == 'cuda':
+        extra['fused'] = True
+    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                               momentum=args.momentum, eps=args.opt_eps, filter_bias_and_bn=True, **extra)
+
+
+def build_mixup(args):
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=0.0 if args.bce_loss else args.smoothing, num_classes=args.nb_classes)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def run_identity(config):
+    return {k: config.get(k) for k in RUN_IDENTITY}
+
+
+def find_resume(args):
+    """Resume precedence: --resume, else output_dir/checkpoint.pth of this same run, else a fresh start."""
+    if args.resume:
+        return args.resume
+    if not args.output_dir:
+        return ''
+    path = os.path.join(args.output_dir, CHECKPOINT)
+    if not os.path.exists(path):
+        return ''
+    if args.eval:
+        return path
+    config = utils.load_checkpoint(path).get('args', {})
+    if run_identity(config) != run_identity(vars(args)):
+        raise UserError(f'{args.output_dir} holds the checkpoint of another run ({run_identity(config)}); '
+                        'choose another --output_dir, or pass --resume to continue that run')
+    return path
+
+
+def load_model_state(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise UserError(f'checkpoint {path} does not fit model this run builds ({detail[:150]}); '
+                        'pass the --model and data set it was trained with') from e
+
+
+def resume(args, path, model, train_state, model_ema):
+    """Restore everything a checkpoint holds; returns (start_epoch, start_step, max_accuracy)."""
+    ckpt = utils.load_checkpoint(path)
+    load_model_state(model, ckpt.get('model', ckpt), path)
+    print(f'| resumed weights from {path}')
+    if args.eval or 'optimizer' not in ckpt:
+        return args.start_epoch, 0, 0.0
+    train_state.optimizer.load_state_dict(ckpt['optimizer'])
+    train_state.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+    if 'scaler' in ckpt:
+        train_state.scaler.load_state_dict(ckpt['scaler'])
+    if model_ema is not None and 'model_ema' in ckpt:
+        model_ema.module.load_state_dict(ckpt['model_ema'])
+    if 'rng' in ckpt:
+        utils.set_rng_state(ckpt['rng'])
+    return ckpt['epoch'] + 1, ckpt.get('step_in_epoch', 0), ckpt.get('max_accuracy', 0.0)
+
+
+def checkpoint_dict(args, model, train_state, model_ema, epoch, step_in_epoch, max_accuracy, class_names):
+    """epoch: the last completed epoch (DeiT's meaning); step_in_epoch: updates done in epoch + 1."""
+    ckpt = {'model': engine.unwrap(model).state_dict(), 'optimizer': train_state.optimizer.state_dict(),
+            'lr_scheduler': train_state.lr_scheduler.state_dict(), 'scaler': train_state.scaler.state_dict(),
+            'epoch': epoch, 'step_in_epoch': step_in_epoch, 'max_accuracy': max_accuracy,
+            'rng': utils.get_rng_state(), 'args': dict(vars(args)), 'class_names': list(class_names)}
+    if model_ema is not None:
+        ckpt['model_ema'] = model_ema.module.state_dict()
+    return ckpt
+
+
+# ---------------------------------------------------------------- logging
+
+def start_log(args, resumed_from):
+    if not args.output_dir or not utils.is_main_process():
+        return None
+    header = {'config': dict(vars(args)), 'git': utils.git_hash(), 'versions': utils.library_versions(),
+              'resumed_from': resumed_from or None, 'command': ' '.join(sys.argv)}
+    utils.append_json_line(os.path.join(args.output_dir, 'log.txt'), header)
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(os.path.join(args.output_dir, 'tb'), purge_step=args.start_epoch)
+
+
+def log_epoch(args, writer, stats):
+    if writer is None:
+        return
+    utils.append_json_line(os.path.join(args.output_dir, 'log.txt'), stats)
+    for key, value in stats.items():
+        if key != 'epoch' and isinstance(value, (int, float)):
+            writer.add_scalar(key, value, stats['epoch'])
+    writer.flush()
+
+
+# ---------------------------------------------------------------- main
+
+def main(args):
+    resolve_device(args)
+    utils.init_distributed_mode(args)
+    device = torch.device(args.device)
+    utils.seed_everything(args.seed + utils.get_rank())
+    resolve_data_set(args)
+
+    dataset_train, class_names = build_dataset(True, args)
+    dataset_val, _ = build_dataset(False, args)
+    args.nb_classes = len(class_names)
+    model = build_model(args)
+    if args.finetune:
+        load_finetune_weights(model, args.finetune)
+    model.to(device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+
+    loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
+    n_updates = updates_per_epoch(args, len(dataset_train))
+    scale_lr(args)
+    optimizer = build_optimizer(args, model, device)
+    train_state = engine.TrainState(
+        optimizer=optimizer, lr_scheduler=build_scheduler(args, optimizer, n_updates),
+        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'), amp_dtype=amp_dtype(args),
+        mixup_fn=build_mixup(args), model_ema=model_ema, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
+        updates_per_epoch=n_updates, print_freq=args.print_freq)
+    criterion = losses.DistillationLoss(
+        losses.build_base_criterion(train_state.mixup_fn is not None, args.smoothing, args.bce_loss))
+
+    resume_path = find_resume(args)
+    start_step, max_accuracy = 0, 0.0
+    if resume_path:
+        args.start_epoch, start_step, max_accuracy = resume(args, resume_path, model, train_state, model_ema)
+
+    train_model = model
+    if args.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    eval_kwargs = dict(device=device, amp_dtype=amp_dtype(args), distributed=args.distributed and args.dist_eval)
+    if args.eval:
+        engine.evaluate(loader_val, model, **eval_kwargs)
+        return
+
+    if args.output_dir and utils.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+    writer = start_log(args, resume_path)
+    if utils.is_main_process():
+        print(f'| {args.model}: {n_parameters / 1e6:.2f}M parameters, {len(dataset_train)} train / '
+              f'{len(dataset_val)} val images, {args.nb_classes} classes, {n_updates} updates per epoch, '
+              f'lr {args.lr:.3e}, amp {args.amp}', flush=True)
+
+    run_timer = utils.Timer()
+    for epoch in range(args.start_epoch, args.epochs):
+        epoch_timer = utils.Timer()
+        loader_train.sampler.set_epoch(epoch, start=start_step * args.batch_size * args.accum_iter)
+        train_stats, _ = engine.train_one_epoch(train_model, criterion, loader_train, device, epoch, train_state,
+                                                start_step=start_step)
+        start_step = 0
+        test_stats = engine.evaluate(loader_val, model, **eval_kwargs)
+        stats = {'train_lr': train_stats['lr'], 'train_loss': train_stats['loss'],
+                 'test_loss': test_stats['loss'], 'test_acc1': test_stats['acc1'], 'test_acc5': test_stats['acc5'],
+                 'epoch': epoch, 'n_parameters': n_parameters}
+        if model_ema is not None:
+            ema_stats = engine.evaluate(loader_val, model_ema.module, prefix='EMA ', **eval_kwargs)
+            stats['test_ema_acc1'] = ema_stats['acc1']
+        is_best = test_stats['acc1'] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats['acc1'])
+        if args.output_dir and utils.is_main_process():
+            ckpt = checkpoint_dict(args, model, train_state, model_ema, epoch, 0, max_accuracy, class_names)
+            utils.save_checkpoint(ckpt, os.path.join(args.output_dir, CHECKPOINT))
+            if is_best:
+                utils.save_checkpoint(ckpt, os.path.join(args.output_dir, BEST_CHECKPOINT))
+        stats.update(max_accuracy=max_accuracy, epoch_seconds=epoch_timer.elapsed(),
+                     elapsed_seconds=run_timer.elapsed(), train_images_per_sec=train_stats['images_per_sec'])
+        if utils.is_main_process():
+            print(f'| epoch {epoch}: acc1 {test_stats["acc1"]:.2f}% (max {max_accuracy:.2f}%), '
+                  f'{stats["epoch_seconds"]:.1f}s', flush=True)
+        log_epoch(args, writer, stats)
+    if utils.is_main_process():
+        print(f'| training time {utils.format_seconds(run_timer.elapsed())}; max accuracy {max_accuracy:.2f}%')
+
+
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(2)
+    except engine.NonFiniteLossError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        if utils.is_dist_avail_and_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == '__main__':
+    cli()

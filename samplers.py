@@ -1,0 +1,96 @@
+"""Samplers: repeated augmentation across ranks, exact distributed evaluation, per-sample seeds.
+
+Every training sample carries its own seed, derived from (seed, epoch, position in the epoch's global order).
+Its augmentation is then the same whatever the number of ranks or DataLoader workers, and a run resumed in
+the middle of an epoch draws exactly the augmentations the uninterrupted run would have drawn.
+"""
+import math
+import random
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def sample_seed(seed, epoch, position):
+    """A 63-bit seed unique to (seed, epoch, position) for positions below 2**32."""
+    return (((seed * 100003 + epoch) << 32) + position) & ((1 << 63) - 1)
+
+
+class RASampler(Sampler):
+    """Training sampler with DeiT's repeated augmentation, sharded over ranks.
+
+    Each epoch shuffles the dataset with (seed + epoch), repeats every index `num_repeats` times in a row,
+    pads the list by wrapping to a multiple of `num_replicas` and gives rank r every num_replicas-th entry
+    starting at r; so the repeats of one image land on different ranks. Each rank yields ceil(N / replicas)
+    samples per epoch (DeiT rounds N down to a multiple of 256, which empties epochs of small datasets).
+    `num_repeats=1` is a plain shuffled distributed sampler. Yields (index, sample_seed) pairs.
+    """
+
+    def __init__(self, num_items, num_replicas=1, rank=0, shuffle=True, num_repeats=3, seed=0):
+        if num_items < 1:
+            raise ValueError('RASampler needs a non-empty dataset')
+        self.num_items, self.num_replicas, self.rank = num_items, num_replicas, rank
+        self.shuffle, self.num_repeats, self.seed = shuffle, num_repeats, seed
+        self.num_samples = math.ceil(num_items / num_replicas)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        """Select the epoch's order; skip the first `start` samples of this rank (mid-epoch resume)."""
+        self.epoch, self.start = epoch, start
+
+    def global_order(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_items, generator=g) if self.shuffle else torch.arange(self.num_items)
+        order = order.repeat_interleave(self.num_repeats)
+        total = math.ceil(len(order) / self.num_replicas) * self.num_replicas
+        if total > len(order):
+            order = torch.cat([order, order[:total - len(order)]])
+        return order.tolist()
+
+    def __iter__(self):
+        order = self.global_order()
+        positions = range(self.rank, len(order), self.num_replicas)
+        positions = list(positions)[:self.num_samples][self.start:]
+        return iter([(order[p], sample_seed(self.seed, self.epoch, p)) for p in positions])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class EvalSampler(Sampler):
+    """Rank r scores indices r, r + R, r + 2R, ...: every image exactly once over all ranks, no padding."""
+
+    def __init__(self, num_items, num_replicas=1, rank=0):
+        self.indices = list(range(rank, num_items, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so that item (index, seed) is loaded and augmented under its own seed.
+
+    Python's and torch's global RNG states are restored afterwards, so loading in the main process
+    (num_workers=0) does not disturb the training RNG.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                random.seed(seed)
+                torch.manual_seed(seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)

@@ -1,0 +1,257 @@
+"""Distributed setup, seeding, metric logging and checkpoint I/O. Imports nothing from the project."""
+import datetime
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A problem with the user's input: main prints it on one line and exits with code 2."""
+
+
+# ---------------------------------------------------------------- distributed
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def launcher_from_env(env):
+    """Which launcher started us, from the environment alone: 'torchrun', 'slurm' or 'single'."""
+    if 'RANK' in env and 'WORLD_SIZE' in env:
+        return 'torchrun'
+    if 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
+        return 'slurm'
+    return 'single'
+
+
+def init_distributed_mode(args, env=None):
+    """Fill args.rank / world_size / gpu / distributed from torchrun or Slurm variables and start DDP.
+
+    The process group uses gloo on CPU and nccl on CUDA unless --dist-backend says otherwise.
+    """
+    env = os.environ if env is None else env
+    launcher = launcher_from_env(env)
+    if launcher == 'torchrun':
+        args.rank, args.world_size = int(env['RANK']), int(env['WORLD_SIZE'])
+        args.gpu = int(env.get('LOCAL_RANK', 0))
+    elif launcher == 'slurm':
+        args.rank, args.world_size = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
+        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+        env.setdefault('MASTER_ADDR', _slurm_master_addr(env))
+        env.setdefault('MASTER_PORT', '29500')
+    else:
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+    args.distributed = args.world_size > 1
+    if not args.distributed:
+        print(f'| launcher: single process (rank 0 of 1, device {args.device})', flush=True)
+        return launcher
+    if args.device.startswith('cuda'):
+        torch.cuda.set_device(args.gpu)
+        args.device = f'cuda:{args.gpu}'
+    backend = args.dist_backend or ('nccl' if args.device.startswith('cuda') else 'gloo')
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
+                            rank=args.rank, timeout=datetime.timedelta(minutes=args.dist_timeout))
+    if args.rank == 0:
+        print(f'| launcher: {launcher} (world size {args.world_size}, backend {backend}, '
+              f'init {args.dist_url})', flush=True)
+    return launcher
+
+
+def _slurm_master_addr(env):
+    nodelist = env.get('SLURM_JOB_NODELIST') or env.get('SLURM_NODELIST') or '127.0.0.1'
+    try:
+        out = subprocess.check_output(['scontrol', 'show', 'hostnames', nodelist], text=True)
+        return out.split()[0]
+    except (OSError, subprocess.CalledProcessError):
+        return nodelist.split(',')[0]
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of numbers over all ranks (identity on one process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------- seeding and RNG state
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_rng_state():
+    """Every global RNG state as weights_only-loadable objects (lists, tensors)."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        'python': random.getstate(),
+        'numpy': {'bit_generator': np_state['bit_generator'], 'key': np_state['state']['key'].tolist(),
+                  'pos': int(np_state['state']['pos']), 'has_gauss': np_state['has_gauss'],
+                  'gauss': np_state['gauss']},
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    py = state['python']
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state['numpy']
+    np.random.set_state({'bit_generator': n['bit_generator'], 'has_gauss': n['has_gauss'], 'gauss': n['gauss'],
+                         'state': {'key': np.asarray(n['key'], dtype=np.uint32), 'pos': n['pos']}})
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(obj, path):
+    """Write atomically: temp file in the same folder, flush, fsync, rename, fsync the folder.
+
+    A crash at any moment leaves either the old file or the new one at `path`, never a partial one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp.{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """Read a local or http(s) checkpoint with weights_only=True; a bad file is a UserError."""
+    if path.startswith(('http://', 'https://')):
+        try:
+            return torch.hub.load_state_dict_from_url(path, map_location=map_location, check_hash=True,
+                                                      weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any network / format failure means the same to the user
+            raise UserError(f'could not download checkpoint {path} ({type(e).__name__}); '
+                            'download it yourself and pass the local file instead') from e
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} does not exist; check the path')
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        try:
+            return {'model': load_file(path, device=str(map_location))}
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f'checkpoint {path} is not a readable safetensors file ({e})') from e
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle / zip / EOF errors all mean "unreadable"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'checkpoint {path} is unreadable or not a safe (weights_only) torch checkpoint '
+                        f'({reason[:120]}); pass a checkpoint written by torch.save') from e
+
+
+# ---------------------------------------------------------------- logging
+
+class SmoothedValue:
+    """Running window of a series with its global average."""
+
+    def __init__(self, window_size=20):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    @property
+    def median(self):
+        return float(np.median(self.deque)) if self.deque else 0.0
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+
+class MetricLogger:
+    def __init__(self):
+        self.meters = defaultdict(SmoothedValue)
+
+    def update(self, n=1, **kwargs):
+        for k, v in kwargs.items():
+            self.meters[k].update(float(v), n)
+
+    def averages(self):
+        return {k: m.global_avg for k, m in self.meters.items()}
+
+    def synchronize(self, device):
+        """Make global averages the same on every rank (sum of totals and counts)."""
+        keys = sorted(self.meters)
+        flat = all_reduce_sum([x for k in keys for x in (self.meters[k].total, self.meters[k].count)], device)
+        for i, k in enumerate(keys):
+            self.meters[k].total, self.meters[k].count = flat[2 * i], int(flat[2 * i + 1])
+
+
+def format_seconds(seconds):
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def git_hash():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.check_output(['git', 'rev-parse', 'HEAD'], cwd=here, text=True,
+                                      stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.call(['git', 'diff', '--quiet', 'HEAD'], cwd=here, stderr=subprocess.DEVNULL)
+        return sha + ('-dirty' if dirty else '')
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
+def library_versions():
+    import timm
+    import torchvision
+    return {'python': sys.version.split()[0], 'torch': torch.__version__, 'torchvision': torchvision.__version__,
+            'timm': timm.__version__, 'numpy': np.__version__}
+
+
+def append_json_line(path, obj):
+    with open(path, 'a') as f:
+        f.write(json.dumps(obj) + '\n')
+        f.flush()
+
+
+class Timer:
+    """Wall-clock seconds since creation."""
+
+    def __init__(self):
+        self.start = time.time()
+
+    def elapsed(self):
+        return time.time() - self.start
