@@ -419,6 +419,10 @@ def main(args):
               f'lr {args.lr:.3e}, amp {args.amp}', flush=True)
 
     run_timer = utils.Timer()
+    if args.start_epoch >= args.epochs:
+        if utils.is_main_process():
+            print(f'| nothing left to train: the checkpoint finished epoch {args.start_epoch - 1} of {args.epochs}')
+        engine.evaluate(loader_val, model, **eval_kwargs)
     for epoch in range(args.start_epoch, args.epochs):
         epoch_timer = utils.Timer()
         loader_train.sampler.set_epoch(epoch, start=start_step * args.batch_size * args.accum_iter)

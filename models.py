@@ -13,6 +13,7 @@ SMALL_DEIT_SIZES = {
     'deit_small_patch4_32': (4, 32, 384, 12, 6),
     'deit_tiny_patch2_16': (2, 16, 192, 12, 3),
     'deit_small_patch2_16': (2, 16, 384, 12, 6),
+    'deit_micro_patch2_16': (2, 16, 48, 2, 2),  # the test size: seconds on a CPU
 }
 
 
@@ -51,3 +52,8 @@ def deit_tiny_patch2_16(pretrained=False, **kwargs):
 @register_model
 def deit_small_patch2_16(pretrained=False, **kwargs):
     return _small_deit('deit_small_patch2_16', pretrained, **kwargs)
+
+
+@register_model
+def deit_micro_patch2_16(pretrained=False, **kwargs):
+    return _small_deit('deit_micro_patch2_16', pretrained, **kwargs)
