@@ -41,11 +41,19 @@ def check_same_classes(train_classes, val_classes):
 
 # ---------------------------------------------------------------- image loading
 
+class BadImageError(UserError):
+    """An image file that cannot be decoded."""
+
+
 def load_rgb(path):
     """Open any common image as 8-bit RGB: grayscale, palette, CMYK, 16-bit and alpha images are converted."""
-    with open(path, 'rb') as f:
-        img = Image.open(f)
-        img.load()
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(f)
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(f'unreadable image {path} ({type(e).__name__}: {str(e)[:80]}); '
+                            'remove or replace it, or pass --skip-bad-images') from e
     if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if arr.max() > 255 else 255.0

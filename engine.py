@@ -28,7 +28,10 @@ class TrainState:
     clip_grad: Optional[float] = None
     updates_per_epoch: int = 1
     print_freq: int = 10
-    after_update: Optional[Callable] = None  # (epoch, updates_done_in_epoch) -> True to stop the epoch
+    batch_size: int = 1                      # per process; batches that lost unreadable images are smaller
+    skip_nonfinite: int = 0                  # non-finite losses skipped (not stepped) before the run stops
+    inject_nonfinite_at: int = -1            # fault injection for tests: make this global update's loss NaN
+    after_update: Optional[Callable] = None  # (epoch, updates_done_in_epoch, metrics) -> True to stop
 
 
 def autocast(device, amp_dtype):
@@ -41,14 +44,17 @@ def unwrap(model):
     return getattr(model, '_orig_mod', model)
 
 
-def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, start_step=0):
-    """Train one epoch from update `start_step` on (a resumed epoch skips what it had done).
+def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, start_step=0, start_metrics=None):
+    """Train one epoch from update `start_step` on (a resumed epoch skips what it had done and starts from the
+    metric sums it had saved).
 
     Returns the averaged metrics and whether after_update asked to stop early.
     """
     model.train()
     optimizer, accum = state.optimizer, state.accum_iter
     metrics = utils.MetricLogger()
+    metrics.load_state_dict(start_metrics or {})
+    metrics.update(n=0, skipped_nonfinite=0, skipped_images=0)
     total = state.updates_per_epoch
     num_micro = (len(loader) // accum) * accum
     window_start, window_images, stopped = time.time(), 0, False
@@ -72,12 +78,20 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
             with autocast(device, state.amp_dtype):
                 outputs = model(samples)
                 loss = criterion(samples, outputs, targets)
+            if epoch * total + update == state.inject_nonfinite_at:
+                loss = loss * float('nan')
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, step {update} '
-                                         f'(of {total}); stopping without touching the last checkpoint')
+            if _any_rank_nonfinite(loss_value, device):
+                if metrics.meters['skipped_nonfinite'].total >= state.skip_nonfinite:
+                    raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, step {update} (of {total}) '
+                                             f'after {state.skip_nonfinite} skipped; the last checkpoint is kept')
+                metrics.update(n=0, skipped_nonfinite=1)
+                optimizer.zero_grad(set_to_none=True)
+                print(f'| skipping non-finite loss {loss_value} at epoch {epoch}, step {update}', flush=True)
+                continue
             state.scaler.scale(loss / accum).backward()
         metrics.update(loss=loss_value, n=samples.shape[0])
+        metrics.update(n=0, skipped_images=state.batch_size - samples.shape[0])
         window_images += samples.shape[0]
         if not is_last_micro:
             continue
@@ -96,7 +110,7 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
         if done % state.print_freq == 0 or done == total:
             window_start, window_images = _print_progress(epoch, done, total, metrics, lr, window_start,
                                                           window_images, epoch_start, start_step)
-        if state.after_update is not None and state.after_update(epoch, done):
+        if state.after_update is not None and state.after_update(epoch, done, metrics):
             stopped = True
             break
     metrics.synchronize(device)
@@ -104,6 +118,14 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
     stats['images_per_sec'] = metrics.meters['loss'].count * utils.get_world_size() / max(
         time.time() - epoch_start, 1e-9)
     return stats, stopped
+
+
+def _any_rank_nonfinite(loss_value, device):
+    """All ranks must agree to skip a step, or DDP's all-reduce would hang."""
+    bad = 0.0 if math.isfinite(loss_value) else 1.0
+    if utils.is_dist_avail_and_initialized():
+        bad = utils.all_reduce_sum([bad], device)[0]
+    return bad > 0
 
 
 def _print_progress(epoch, done, total, metrics, lr, window_start, window_images, epoch_start, start_step):

@@ -20,8 +20,8 @@ import engine
 import losses
 import models  # noqa: F401 - registers our model families in timm
 import utils
-from datasets import DATASETS, build_dataset, resolve_data_set
-from samplers import EvalSampler, RASampler, SeededDataset
+from datasets import DATASETS, BadImageError, build_dataset, resolve_data_set
+from samplers import EvalSampler, RASampler, SeededDataset, collate_skipping_none
 from utils import UserError
 
 CHECKPOINT = 'checkpoint.pth'
@@ -42,6 +42,10 @@ def get_args_parser():
     g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
                    help='autocast precision; auto = bf16 on CUDA, none on CPU')
     g.add_argument('--compile', action='store_true', help='torch.compile the training model')
+    g.add_argument('--skip-nonfinite', default=0, type=int, metavar='N',
+                   help='skip up to N steps whose loss is NaN / inf before stopping (default: stop at the first)')
+    g.add_argument('--inject-nonfinite', default=-1, type=int, metavar='STEP',
+                   help='fault injection for testing the guard: make the loss NaN at this global update')
 
     g = p.add_argument_group('model')
     g.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='NAME',
@@ -116,6 +120,8 @@ def get_args_parser():
     g.add_argument('--inat-category', default='name',
                    choices=['kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'])
     g.add_argument('--download', action='store_true', help='let CIFAR10/100 download when missing')
+    g.add_argument('--skip-bad-images', action='store_true',
+                   help='skip unreadable image files (counted in the log) instead of stopping')
     g.add_argument('--fake-size', default=1280, type=int, help='FAKE: training images (val gets a fifth)')
     g.add_argument('--fake-classes', default=1000, type=int, help='FAKE: number of classes')
     g.add_argument('--num_workers', default=10, type=int)
@@ -133,6 +139,12 @@ def get_args_parser():
     g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='center-crop ratio at evaluation')
     g.add_argument('--dist-eval', action='store_true', help='split evaluation over ranks')
     g.add_argument('--print-freq', default=10, type=int, help='progress line every N updates')
+    g.add_argument('--save-every', default=0, type=int, metavar='N',
+                   help='also checkpoint every N updates inside an epoch (0: at epoch ends only)')
+    g.add_argument('--on-save-error', default='continue', choices=['continue', 'stop'],
+                   help='when a checkpoint cannot be written, keep the last good one and go on, or stop')
+    g.add_argument('--overwrite', action='store_true',
+                   help='start afresh in an output_dir that holds another run\'s checkpoint')
 
     g = p.add_argument_group('distributed')
     g.add_argument('--dist_url', default='env://', help='process-group init method')
@@ -212,13 +224,14 @@ def build_loaders(args, dataset_train, dataset_val):
                               num_repeats=3 if args.repeated_aug else 1, seed=args.seed)
     eval_share = EvalSampler(len(dataset_val), world if args.dist_eval else 1, rank if args.dist_eval else 0)
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith('cuda'),
-                  persistent_workers=args.num_workers > 0)
+                  persistent_workers=args.num_workers > 0, collate_fn=collate_skipping_none)
     if args.num_workers > 0:
         common['prefetch_factor'] = 4
-    loader_train = DataLoader(SeededDataset(dataset_train), sampler=sampler_train, batch_size=args.batch_size,
+    skip = (BadImageError,) if args.skip_bad_images else ()
+    loader_train = DataLoader(SeededDataset(dataset_train, skip), sampler=sampler_train, batch_size=args.batch_size,
                               drop_last=True, generator=torch.Generator().manual_seed(args.seed), **common)
-    loader_val = DataLoader(dataset_val, sampler=eval_share, batch_size=int(1.5 * args.batch_size),
-                            drop_last=False, **common)
+    loader_val = DataLoader(SeededDataset(dataset_val, skip), sampler=eval_share,
+                            batch_size=int(1.5 * args.batch_size), drop_last=False, **common)
     return loader_train, loader_val
 
 
@@ -292,10 +305,13 @@ def find_resume(args):
     if args.eval:
         return path
     config = utils.load_checkpoint(path).get('args', {})
-    if run_identity(config) != run_identity(vars(args)):
-        raise UserError(f'{args.output_dir} holds the checkpoint of another run ({run_identity(config)}); '
-                        'choose another --output_dir, or pass --resume to continue that run')
-    return path
+    if run_identity(config) == run_identity(vars(args)):
+        return path
+    if args.overwrite:
+        print(f'| --overwrite: starting afresh; {path} will be replaced')
+        return ''
+    raise UserError(f'{args.output_dir} holds the checkpoint of another run ({run_identity(config)}); '
+                    'choose another --output_dir, pass --resume to continue that run, or add --overwrite')
 
 
 def load_model_state(model, state, path):
@@ -309,12 +325,12 @@ def load_model_state(model, state, path):
 
 
 def resume(args, path, model, train_state, model_ema):
-    """Restore everything a checkpoint holds; returns (start_epoch, start_step, max_accuracy)."""
+    """Restore everything a checkpoint holds; returns (start_epoch, start_step, max_accuracy, epoch_metrics)."""
     ckpt = utils.load_checkpoint(path)
     load_model_state(model, ckpt.get('model', ckpt), path)
-    print(f'| resumed weights from {path}')
     if args.eval or 'optimizer' not in ckpt:
-        return args.start_epoch, 0, 0.0
+        print(f'| loaded weights from {path}')
+        return args.start_epoch, 0, 0.0, None
     train_state.optimizer.load_state_dict(ckpt['optimizer'])
     train_state.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
     if 'scaler' in ckpt:
@@ -323,18 +339,52 @@ def resume(args, path, model, train_state, model_ema):
         model_ema.module.load_state_dict(ckpt['model_ema'])
     if 'rng' in ckpt:
         utils.set_rng_state(ckpt['rng'])
-    return ckpt['epoch'] + 1, ckpt.get('step_in_epoch', 0), ckpt.get('max_accuracy', 0.0)
+    epoch, step = ckpt['epoch'] + 1, ckpt.get('step_in_epoch', 0)
+    print(f'| resumed from {path} at epoch {epoch}, step {step}')
+    metrics = ckpt.get('epoch_metrics') if utils.is_main_process() else None
+    return epoch, step, ckpt.get('max_accuracy', 0.0), metrics
 
 
-def checkpoint_dict(args, model, train_state, model_ema, epoch, step_in_epoch, max_accuracy, class_names):
-    """epoch: the last completed epoch (DeiT's meaning); step_in_epoch: updates done in epoch + 1."""
-    ckpt = {'model': engine.unwrap(model).state_dict(), 'optimizer': train_state.optimizer.state_dict(),
-            'lr_scheduler': train_state.lr_scheduler.state_dict(), 'scaler': train_state.scaler.state_dict(),
-            'epoch': epoch, 'step_in_epoch': step_in_epoch, 'max_accuracy': max_accuracy,
-            'rng': utils.get_rng_state(), 'args': dict(vars(args)), 'class_names': list(class_names)}
-    if model_ema is not None:
-        ckpt['model_ema'] = model_ema.module.state_dict()
-    return ckpt
+class CheckpointWriter:
+    """Builds checkpoint dicts and writes them (rank 0 only), honouring --on-save-error."""
+
+    def __init__(self, args, model, train_state, model_ema, class_names):
+        self.args, self.model, self.state, self.ema, self.class_names = args, model, train_state, model_ema, class_names
+
+    def build(self, epoch, step_in_epoch, max_accuracy, epoch_metrics=None):
+        """epoch: the last completed epoch (DeiT's meaning); step_in_epoch: updates done in epoch + 1."""
+        ckpt = {'model': engine.unwrap(self.model).state_dict(), 'optimizer': self.state.optimizer.state_dict(),
+                'lr_scheduler': self.state.lr_scheduler.state_dict(), 'scaler': self.state.scaler.state_dict(),
+                'epoch': epoch, 'step_in_epoch': step_in_epoch, 'max_accuracy': max_accuracy,
+                'epoch_metrics': epoch_metrics or {}, 'rng': utils.get_rng_state(),
+                'args': dict(vars(self.args)), 'class_names': list(self.class_names)}
+        if self.ema is not None:
+            ckpt['model_ema'] = self.ema.module.state_dict()
+        return ckpt
+
+    def write(self, ckpt, *names):
+        if not self.args.output_dir or not utils.is_main_process():
+            return
+        for name in names:
+            path = os.path.join(self.args.output_dir, name)
+            try:
+                utils.save_checkpoint(ckpt, path)
+            except OSError as e:
+                message = f'could not write {path} ({e.strerror or e}); the previous checkpoint is kept'
+                if self.args.on_save_error == 'stop':
+                    raise UserError(message + '; free space or fix permissions, then run again to resume') from e
+                print(f'| warning: {message}', flush=True)
+
+
+def make_after_update(args, writer, stop_signal, n_updates, device, max_accuracy):
+    """Checkpoint every --save-every updates, and on SIGTERM / SIGUSR1 (then stop the epoch)."""
+    def after_update(epoch, done, metrics):
+        stop = stop_signal.agreed(device)
+        if stop or (args.save_every > 0 and done % args.save_every == 0 and done < n_updates):
+            epoch_metrics = metrics.synchronized_state(device)
+            writer.write(writer.build(epoch - 1, done, max_accuracy[0], epoch_metrics), CHECKPOINT)
+        return stop
+    return after_update
 
 
 # ---------------------------------------------------------------- logging
@@ -389,14 +439,16 @@ def main(args):
         optimizer=optimizer, lr_scheduler=build_scheduler(args, optimizer, n_updates),
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'), amp_dtype=amp_dtype(args),
         mixup_fn=build_mixup(args), model_ema=model_ema, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
-        updates_per_epoch=n_updates, print_freq=args.print_freq)
+        updates_per_epoch=n_updates, print_freq=args.print_freq, batch_size=args.batch_size,
+        skip_nonfinite=args.skip_nonfinite, inject_nonfinite_at=args.inject_nonfinite)
     criterion = losses.DistillationLoss(
         losses.build_base_criterion(train_state.mixup_fn is not None, args.smoothing, args.bce_loss))
 
     resume_path = find_resume(args)
-    start_step, max_accuracy = 0, 0.0
+    start_step, max_accuracy, start_metrics = 0, 0.0, None
     if resume_path:
-        args.start_epoch, start_step, max_accuracy = resume(args, resume_path, model, train_state, model_ema)
+        args.start_epoch, start_step, max_accuracy, start_metrics = resume(args, resume_path, model, train_state,
+                                                                          model_ema)
 
     train_model = model
     if args.distributed:
@@ -412,7 +464,11 @@ def main(args):
 
     if args.output_dir and utils.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
-    writer = start_log(args, resume_path)
+    tb_writer = start_log(args, resume_path)
+    checkpoints = CheckpointWriter(args, model, train_state, model_ema, class_names)
+    best = [max_accuracy]  # shared with the mid-epoch saver
+    stop_signal = utils.StopSignal()
+    train_state.after_update = make_after_update(args, checkpoints, stop_signal, n_updates, device, best)
     if utils.is_main_process():
         print(f'| {args.model}: {n_parameters / 1e6:.2f}M parameters, {len(dataset_train)} train / '
               f'{len(dataset_val)} val images, {args.nb_classes} classes, {n_updates} updates per epoch, '
@@ -426,9 +482,14 @@ def main(args):
     for epoch in range(args.start_epoch, args.epochs):
         epoch_timer = utils.Timer()
         loader_train.sampler.set_epoch(epoch, start=start_step * args.batch_size * args.accum_iter)
-        train_stats, _ = engine.train_one_epoch(train_model, criterion, loader_train, device, epoch, train_state,
-                                                start_step=start_step)
-        start_step = 0
+        train_stats, stopped = engine.train_one_epoch(train_model, criterion, loader_train, device, epoch,
+                                                      train_state, start_step=start_step, start_metrics=start_metrics)
+        if stopped:
+            if utils.is_main_process():
+                print(f'| stopped by signal in epoch {epoch}; checkpoint saved, run the same command to resume',
+                      flush=True)
+            return
+        start_step, start_metrics = 0, None
         test_stats = engine.evaluate(loader_val, model, **eval_kwargs)
         stats = {'train_lr': train_stats['lr'], 'train_loss': train_stats['loss'],
                  'test_loss': test_stats['loss'], 'test_acc1': test_stats['acc1'], 'test_acc5': test_stats['acc5'],
@@ -436,21 +497,26 @@ def main(args):
         if model_ema is not None:
             ema_stats = engine.evaluate(loader_val, model_ema.module, prefix='EMA ', **eval_kwargs)
             stats['test_ema_acc1'] = ema_stats['acc1']
-        is_best = test_stats['acc1'] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats['acc1'])
-        if args.output_dir and utils.is_main_process():
-            ckpt = checkpoint_dict(args, model, train_state, model_ema, epoch, 0, max_accuracy, class_names)
-            utils.save_checkpoint(ckpt, os.path.join(args.output_dir, CHECKPOINT))
-            if is_best:
-                utils.save_checkpoint(ckpt, os.path.join(args.output_dir, BEST_CHECKPOINT))
+        is_best = test_stats['acc1'] > best[0]
+        best[0] = max_accuracy = max(best[0], test_stats['acc1'])
+        ckpt = checkpoints.build(epoch, 0, max_accuracy)
+        checkpoints.write(ckpt, CHECKPOINT, *([BEST_CHECKPOINT] if is_best else []))
         stats.update(max_accuracy=max_accuracy, epoch_seconds=epoch_timer.elapsed(),
-                     elapsed_seconds=run_timer.elapsed(), train_images_per_sec=train_stats['images_per_sec'])
+                     elapsed_seconds=run_timer.elapsed(), train_images_per_sec=train_stats['images_per_sec'],
+                     skipped_nonfinite=int(train_stats['skipped_nonfinite']),
+                     skipped_images=int(train_stats['skipped_images']))
         if utils.is_main_process():
             print(f'| epoch {epoch}: acc1 {test_stats["acc1"]:.2f}% (max {max_accuracy:.2f}%), '
                   f'{stats["epoch_seconds"]:.1f}s', flush=True)
-        log_epoch(args, writer, stats)
+        log_epoch(args, tb_writer, stats)
     if utils.is_main_process():
         print(f'| training time {utils.format_seconds(run_timer.elapsed())}; max accuracy {max_accuracy:.2f}%')
+
+
+def one_line(error):
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
+    last = [line for line in str(error).strip().splitlines() if line.strip()][-1]
+    return last.split('Error: ', 1)[1] if last.split(':', 1)[0].endswith('Error') else last
 
 
 def cli(argv=None):
@@ -458,7 +524,7 @@ def cli(argv=None):
     try:
         main(args)
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
+        print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
         sys.exit(2)
     except engine.NonFiniteLossError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)

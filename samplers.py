@@ -8,7 +8,7 @@ import math
 import random
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 
 def sample_seed(seed, epoch, position):
@@ -72,20 +72,29 @@ class EvalSampler(Sampler):
 
 
 class SeededDataset(Dataset):
-    """Wraps a dataset so that item (index, seed) is loaded and augmented under its own seed.
+    """Wraps a dataset so that item (index, seed) is loaded and augmented under its own seed; a plain
+    index is loaded as it is.
 
     Python's and torch's global RNG states are restored afterwards, so loading in the main process
-    (num_workers=0) does not disturb the training RNG.
+    (num_workers=0) does not disturb the training RNG. Exceptions of the types in `skip` turn the sample
+    into None, which collate_skipping_none drops from its batch.
     """
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, skip=()):
+        self.dataset, self.skip = dataset, tuple(skip)
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        index, seed = item
+        try:
+            if not isinstance(item, tuple):
+                return self.dataset[item]
+            return self._seeded(*item)
+        except self.skip:
+            return None
+
+    def _seeded(self, index, seed):
         py_state = random.getstate()
         try:
             with torch.random.fork_rng(devices=[]):
@@ -94,3 +103,7 @@ class SeededDataset(Dataset):
                 return self.dataset[index]
         finally:
             random.setstate(py_state)
+
+
+def collate_skipping_none(batch):
+    return default_collate([sample for sample in batch if sample is not None])

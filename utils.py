@@ -3,6 +3,7 @@ import datetime
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -92,6 +93,30 @@ def all_reduce_sum(values, device):
     if is_dist_avail_and_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+class StopSignal:
+    """First SIGTERM / SIGUSR1: checkpoint at the next step boundary and exit cleanly. Second: exit at once."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.requested = False
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested:
+            print(f'| second {name}: exiting now', flush=True)
+            os._exit(128 + signum)
+        self.requested = True
+        print(f'| {name}: will checkpoint at the next step and exit', flush=True)
+
+    def agreed(self, device):
+        """True on every rank when any rank was signalled."""
+        flag = 1.0 if self.requested else 0.0
+        if is_dist_avail_and_initialized():
+            flag = all_reduce_sum([flag], device)[0]
+        return flag > 0
 
 
 # ---------------------------------------------------------------- seeding and RNG state
@@ -189,7 +214,7 @@ class SmoothedValue:
     def update(self, value, n=1):
         self.deque.append(value)
         self.count += n
-        self.total += value * n
+        self.total += value * n if n else value
 
     @property
     def median(self):
@@ -201,6 +226,8 @@ class SmoothedValue:
 
 
 class MetricLogger:
+    """Named SmoothedValues; update(n=0, name=k) adds k to a counter whose global_avg is its sum."""
+
     def __init__(self):
         self.meters = defaultdict(SmoothedValue)
 
@@ -211,12 +238,22 @@ class MetricLogger:
     def averages(self):
         return {k: m.global_avg for k, m in self.meters.items()}
 
-    def synchronize(self, device):
-        """Make global averages the same on every rank (sum of totals and counts)."""
+    def state_dict(self):
+        return {k: [m.total, m.count] for k, m in self.meters.items()}
+
+    def load_state_dict(self, state):
+        for k, (total, count) in state.items():
+            self.meters[k].total, self.meters[k].count = total, count
+
+    def synchronized_state(self, device):
+        """Totals and counts summed over ranks, without changing this logger."""
         keys = sorted(self.meters)
         flat = all_reduce_sum([x for k in keys for x in (self.meters[k].total, self.meters[k].count)], device)
-        for i, k in enumerate(keys):
-            self.meters[k].total, self.meters[k].count = flat[2 * i], int(flat[2 * i + 1])
+        return {k: [flat[2 * i], int(flat[2 * i + 1])] for i, k in enumerate(keys)}
+
+    def synchronize(self, device):
+        """Make global averages the same on every rank (sum of totals and counts)."""
+        self.load_state_dict(self.synchronized_state(device))
 
 
 def format_seconds(seconds):

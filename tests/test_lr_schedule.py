@@ -1,0 +1,105 @@
+import math
+
+import pytest
+import torch
+
+import main
+
+N_UPDATES = 7
+
+
+def schedule(*flags, n_updates=N_UPDATES):
+    args = main.get_args_parser().parse_args([str(f) for f in flags])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    sched = main.build_scheduler(args, optimizer, n_updates)
+
+    def lr_at(step):
+        sched.step_update(step)
+        return optimizer.param_groups[0]['lr']
+    return args, lr_at
+
+
+def close(a, b):
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+
+
+def cosine(args, t, n_updates=N_UPDATES):
+    total = (args.epochs - args.cooldown_epochs) * n_updates
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t / total))
+
+
+DEFAULTS = ('--epochs', 20, '--warmup-epochs', 3, '--cooldown-epochs', 4, '--lr', 2e-3,
+            '--warmup-lr', 1e-6, '--min-lr', 1e-5)
+
+
+def test_warmup_is_linear_from_warmup_lr_to_lr():
+    args, lr_at = schedule(*DEFAULTS)
+    warm = args.warmup_epochs * N_UPDATES
+    assert close(lr_at(0), args.warmup_lr)
+    for t in (1, 5, warm // 2, warm - 1):
+        assert close(lr_at(t), args.warmup_lr + t * (args.lr - args.warmup_lr) / warm)
+    assert close(lr_at(warm), cosine(args, warm))
+
+
+def test_cosine_middle_matches_timm_formula():
+    args, lr_at = schedule(*DEFAULTS)
+    total = (args.epochs - args.cooldown_epochs) * N_UPDATES
+    for t in (3 * N_UPDATES + 1, 50, total // 2, total - 1):
+        assert close(lr_at(t), cosine(args, t))
+    assert close(cosine(args, total / 2), (args.lr + args.min_lr) / 2)
+    assert lr_at(total // 2) < args.lr
+
+
+def test_cooldown_holds_min_lr():
+    args, lr_at = schedule(*DEFAULTS)
+    total = (args.epochs - args.cooldown_epochs) * N_UPDATES
+    assert lr_at(total - 1) > args.min_lr
+    for t in (total, total + 1, args.epochs * N_UPDATES - 1):
+        assert lr_at(t) == args.min_lr
+
+
+def test_no_warmup_starts_at_lr():
+    args, lr_at = schedule('--warmup-epochs', 0, '--epochs', 10, '--cooldown-epochs', 2, '--lr', 3e-4)
+    assert lr_at(0) == args.lr
+    assert close(lr_at(9), cosine(args, 9))
+
+
+def test_no_cooldown_decays_over_all_epochs():
+    args, lr_at = schedule('--warmup-epochs', 0, '--epochs', 6, '--cooldown-epochs', 0, '--lr', 1e-3,
+                           '--min-lr', 0)
+    assert close(lr_at(6 * N_UPDATES // 2), 0.5e-3)
+    assert close(lr_at(6 * N_UPDATES - 1), cosine(args, 6 * N_UPDATES - 1))
+
+
+def test_default_flags_schedule():
+    args, lr_at = schedule()
+    assert close(lr_at(0), 1e-6)
+    assert close(lr_at(5 * N_UPDATES), cosine(args, 5 * N_UPDATES))
+    assert lr_at(290 * N_UPDATES) == 1e-5
+
+
+def test_lr_noise_applies_in_given_fraction_of_schedule():
+    _, plain = schedule('--warmup-epochs', 0, '--epochs', 10, '--cooldown-epochs', 0, '--lr', 1.0)
+    _, noisy = schedule('--warmup-epochs', 0, '--epochs', 10, '--cooldown-epochs', 0, '--lr', 1.0,
+                        '--lr-noise', 0.5, 1.0)
+    total = 10 * N_UPDATES
+    assert noisy(total // 4) == plain(total // 4)
+    assert any(noisy(t) != plain(t) for t in range(total // 2 + 1, total))
+
+
+@pytest.mark.parametrize('flags, expected', [
+    ([], 5e-4 * 64 / 512),
+    (['--batch-size', 128, '--lr', 1e-3], 1e-3 * 128 / 512),
+    (['--batch-size', 32, '--accum-iter', 4, '--lr', 1e-3], 1e-3 * 128 / 512),
+    (['--batch-size', 32, '--accum-iter', 4, '--lr', 1e-3, '--unscale-lr'], 1e-3),
+])
+def test_scale_lr(flags, expected):
+    args = main.get_args_parser().parse_args([str(f) for f in flags])
+    assert close(main.scale_lr(args), expected)
+    assert close(args.lr, expected)
+
+
+def test_scale_lr_uses_world_size(monkeypatch):
+    monkeypatch.setattr(main.utils, 'get_world_size', lambda: 8)
+    args = main.get_args_parser().parse_args(['--batch-size', '16', '--accum-iter', '2', '--lr', '1e-3'])
+    assert close(main.scale_lr(args), 1e-3 * 16 * 8 * 2 / 512)

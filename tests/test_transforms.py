@@ -1,0 +1,158 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import datasets
+import main
+
+
+def args_for(*flags):
+    return main.get_args_parser().parse_args([str(f) for f in flags])
+
+
+def image(width=300, height=250, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, 'RGB')
+
+
+def steps(transform):
+    return [type(t).__name__ for t in transform.transforms]
+
+
+def test_deit_train_pipeline():
+    torch.manual_seed(0)
+    transform = datasets.build_transform(True, args_for())
+    names = steps(transform)
+    assert names[0] == 'RandomResizedCropAndInterpolation'
+    assert 'RandomErasing' in names and 'RandAugment' in names
+    assert transform(image()).shape == (3, 224, 224)
+
+
+def test_eval_pipeline_resizes_then_center_crops():
+    transform = datasets.build_transform(False, args_for())
+    resize, crop = transform.transforms[:2]
+    assert isinstance(resize, transforms.Resize) and resize.size == int(224 / 0.875) == 256
+    assert isinstance(crop, transforms.CenterCrop) and list(crop.size) == [224, 224]
+    img = image()
+    out = transform(img)
+    assert out.shape == (3, 224, 224)
+    expected = transforms.Compose([transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+                                   transforms.CenterCrop(224), transforms.ToTensor()])(img)
+    mean = torch.tensor(datasets.IMAGENET_DEFAULT_MEAN)[:, None, None]
+    std = torch.tensor(datasets.IMAGENET_DEFAULT_STD)[:, None, None]
+    assert torch.allclose(out, (expected - mean) / std, atol=1e-6)
+
+
+def test_eval_crop_ratio_flag():
+    transform = datasets.build_transform(False, args_for('--eval-crop-ratio', 1.0))
+    assert transform.transforms[0].size == 224
+
+
+@pytest.mark.parametrize('src', [False, True])
+def test_three_augment(src):
+    flags = ['--ThreeAugment'] + (['--src'] if src else [])
+    transform = datasets.build_transform(True, args_for(*flags))
+    names = steps(transform)
+    if src:
+        assert names[:2] == ['Resize', 'RandomCrop']
+    else:
+        assert names[0] == 'RandomResizedCrop'
+    assert 'RandomChoice' in names and 'ColorJitter' in names and 'RandAugment' not in names
+    torch.manual_seed(0)
+    for seed in range(5):
+        assert transform(image(seed=seed)).shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize('size', [8, 32])
+def test_small_image_pipeline_shape(size):
+    transform = datasets.build_transform(True, args_for('--input-size', size))
+    assert steps(transform)[:3] == ['Resize', 'RandomCrop', 'RandomHorizontalFlip']
+    assert transform(image(40, 30)).shape == (3, size, size)
+    evaluation = datasets.build_transform(False, args_for('--input-size', size))
+    assert evaluation(image(40, 30)).shape == (3, size, size)
+
+
+@pytest.mark.parametrize('size', [8, 32])
+def test_small_image_rand_augment_runs_many_times(size):
+    transform = datasets.build_transform(True, args_for('--input-size', size, '--aa', 'rand-m9-mstd0.5-inc1'))
+    assert 'RandAugment' in steps(transform)
+    torch.manual_seed(0)
+    img = image(size, size, seed=1)
+    for _ in range(200):
+        out = transform(img)
+        assert out.shape == (3, size, size) and torch.isfinite(out).all()
+
+
+def test_small_image_without_aa_or_erasing():
+    transform = datasets.build_transform(True, args_for('--input-size', 16, '--aa', 'none', '--reprob', 0))
+    names = steps(transform)
+    assert 'RandAugment' not in names and 'RandomErasing' not in names
+
+
+def saved(tmp_path, img, name, **kwargs):
+    path = str(tmp_path / name)
+    img.save(path, **kwargs)
+    return path
+
+
+def test_load_rgb_modes(tmp_path):
+    rgb = image(20, 10)
+    palette = rgb.convert('P', palette=Image.Palette.ADAPTIVE)
+    transparent = palette.copy()
+    transparent.info['transparency'] = 0
+    sixteen = Image.fromarray(np.full((10, 20), 1000, dtype=np.uint16))
+    files = {
+        'gray.png': rgb.convert('L'), 'palette.png': palette, 'transparent.png': transparent,
+        'rgba.png': rgb.convert('RGBA'), 'cmyk.jpg': rgb.convert('CMYK'), 'sixteen.png': sixteen,
+        'rgb.jpg': rgb,
+    }
+    for name, img in files.items():
+        path = saved(tmp_path, img, name)
+        if name == 'transparent.png':
+            assert 'transparency' in Image.open(path).info
+        if name == 'cmyk.jpg':
+            assert Image.open(path).mode == 'CMYK'
+        if name == 'sixteen.png':
+            assert Image.open(path).mode == 'I;16'
+        out = datasets.load_rgb(path)
+        assert out.mode == 'RGB' and out.size == (20, 10), name
+
+
+def test_load_rgb_transparent_pixels_become_white(tmp_path):
+    rgba = Image.new('RGBA', (4, 4), (10, 20, 30, 0))
+    out = datasets.load_rgb(saved(tmp_path, rgba, 'clear.png'))
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+    palette = Image.new('P', (4, 4), 3)
+    palette.putpalette([0, 0, 0] * 3 + [200, 0, 0] + [0, 0, 0] * 252)
+    out = datasets.load_rgb(saved(tmp_path, palette, 'p.png', transparency=3))
+    assert out.getpixel((1, 1)) == (255, 255, 255)
+    out = datasets.load_rgb(saved(tmp_path, palette, 'opaque.png'))
+    assert out.getpixel((1, 1)) == (200, 0, 0)
+
+
+def test_load_rgb_16_bit_range(tmp_path):
+    pixels = np.array([[0, 65535]], dtype=np.uint16)
+    path = saved(tmp_path, Image.fromarray(pixels), 'white.png')
+    out = np.asarray(datasets.load_rgb(path))
+    assert out.shape == (1, 2, 3)
+    assert (out[0, 0] == 0).all() and (out[0, 1] == 255).all()
+
+
+def test_digits_split():
+    from sklearn.datasets import load_digits
+    train_x, train_y = datasets.digits_split(True)
+    val_x, val_y = datasets.digits_split(False)
+    assert len(train_x) == len(train_y) == 1438 and len(val_x) == len(val_y) == 359
+    assert train_x.shape[1:] == (8, 8) and train_x.dtype == np.uint8 and train_x.max() == 255
+    digits = load_digits()
+    everything = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+
+    def rows(x, y):
+        return sorted(map(tuple, np.concatenate([x.reshape(len(x), -1), y[:, None]], axis=1).tolist()))
+    assert rows(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])) == rows(everything, digits.target)
+    again_x, again_y = datasets.digits_split(True)
+    assert np.array_equal(again_x, train_x) and np.array_equal(again_y, train_y)
+    val_again, _ = datasets.digits_split(False)
+    assert np.array_equal(val_again, val_x)
