@@ -259,11 +259,10 @@ def build_scheduler(args, optimizer, n_updates):
     if cooldown != args.cooldown_epochs and utils.is_main_process():
         print(f'| note: --cooldown-epochs {args.cooldown_epochs} leaves no decay in {args.epochs} epochs; '
               f'using {cooldown}')
-    noise = [n * args.epochs for n in args.lr_noise] if args.lr_noise else None
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs - cooldown, decay_epochs=args.decay_epochs,
         cooldown_epochs=cooldown, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-        warmup_epochs=args.warmup_epochs, noise=noise, noise_pct=args.lr_noise_pct,
+        warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
         noise_std=args.lr_noise_std, noise_seed=args.seed, step_on_epochs=False, updates_per_epoch=n_updates)
     return scheduler
 
@@ -300,7 +299,7 @@ def find_resume(args):
     if not args.output_dir:
         return ''
     path = os.path.join(args.output_dir, CHECKPOINT)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         return ''
     if args.eval:
         return path
@@ -464,6 +463,7 @@ def main(args):
 
     if args.output_dir and utils.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
+        utils.remove_stale_temp_files(args.output_dir)
     tb_writer = start_log(args, resume_path)
     checkpoints = CheckpointWriter(args, model, train_state, model_ema, class_names)
     best = [max_accuracy]  # shared with the mid-epoch saver

@@ -19,7 +19,7 @@ def sample_seed(seed, epoch, position):
 class RASampler(Sampler):
     """Training sampler with DeiT's repeated augmentation, sharded over ranks.
 
-    Each epoch shuffles the dataset with (seed + epoch), repeats every index `num_repeats` times in a row,
+    Each epoch shuffles the dataset with a generator seeded from (seed, epoch), repeats every index `num_repeats` times in a row,
     pads the list by wrapping to a multiple of `num_replicas` and gives rank r every num_replicas-th entry
     starting at r; so the repeats of one image land on different ranks. Each rank yields ceil(N / replicas)
     samples per epoch (DeiT rounds N down to a multiple of 256, which empties epochs of small datasets).
@@ -40,12 +40,12 @@ class RASampler(Sampler):
 
     def global_order(self):
         g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
+        g.manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(self.num_items, generator=g) if self.shuffle else torch.arange(self.num_items)
         order = order.repeat_interleave(self.num_repeats)
         total = math.ceil(len(order) / self.num_replicas) * self.num_replicas
-        if total > len(order):
-            order = torch.cat([order, order[:total - len(order)]])
+        if total > len(order):  # wrap around, as many times as a tiny dataset needs
+            order = order.repeat(math.ceil(total / len(order)))[:total]
         return order.tolist()
 
     def __iter__(self):

@@ -176,6 +176,13 @@ def save_checkpoint(obj, path):
         os.close(dir_fd)
 
 
+def remove_stale_temp_files(folder):
+    """Delete temporary checkpoint files a killed process left behind (never a finished checkpoint)."""
+    for name in os.listdir(folder):
+        if name.startswith('.') and '.tmp.' in name:
+            os.remove(os.path.join(folder, name))
+
+
 def load_checkpoint(path, map_location='cpu'):
     """Read a local or http(s) checkpoint with weights_only=True; a bad file is a UserError."""
     if path.startswith(('http://', 'https://')):

@@ -1,0 +1,228 @@
+"""No lost progress: kills, signals, non-finite losses, bad images and failed saves."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY, run_main, write_image_folder
+
+# Defaults kept on purpose (mixup, cutmix, RandAugment, random erasing, drop path, EMA): resume must be exact
+# with every source of randomness in play.
+EXACT = ['--model', 'deit_micro_patch2_16', '--input-size', '8', '--batch-size', '16', '--epochs', '2',
+         '--num_workers', '0', '--device', 'cpu', '--print-freq', '1']
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_weights(a, b):
+    for part in ('model', 'model_ema'):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f'{part}.{key} differs'
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp('reference')
+    result = run_main(EXACT + ['--output_dir', out])
+    assert result.returncode == 0, result.stderr
+    return load(os.path.join(out, 'checkpoint.pth'))
+
+
+def start_training(args):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py')] + [str(a) for a in args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_for_progress_lines(proc, count):
+    """Read the child's output until `count` progress lines have passed; False if it ended first."""
+    seen = 0
+    for line in proc.stdout:
+        if line.startswith('Epoch:'):
+            seen += 1
+            if seen >= count:
+                return True
+    return False
+
+
+def test_kill_9_at_random_moments_then_resume_is_bit_identical(reference, tmp_path):
+    rng = random.Random(1)
+    args = EXACT + ['--output_dir', tmp_path, '--save-every', '1']  # saves at every step: kills land in saves too
+    kills = 0
+    while kills < 6:
+        proc = start_training(args)
+        if not wait_for_progress_lines(proc, rng.randint(1, 12)):
+            proc.wait()
+            break
+        time.sleep(rng.uniform(0, 0.05))
+        proc.kill()
+        proc.wait()
+        kills += 1
+    assert kills >= 5
+    result = run_main(args)
+    assert result.returncode == 0, result.stderr
+    assert 'resumed from' in result.stdout
+    assert_same_weights(reference, load(tmp_path / 'checkpoint.pth'))
+    assert not [name for name in os.listdir(tmp_path) if '.tmp.' in name]  # a kill's leftovers are cleaned
+
+
+def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(reference, tmp_path):
+    args = EXACT + ['--output_dir', tmp_path]
+    proc = start_training(args)
+    assert wait_for_progress_lines(proc, 30)  # step 30 of epoch 0's 89
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0
+    assert 'checkpoint saved' in rest
+    ckpt = load(tmp_path / 'checkpoint.pth')
+    assert ckpt['step_in_epoch'] > 0
+    result = run_main(args)
+    assert result.returncode == 0, result.stderr
+    assert f"step {ckpt['step_in_epoch']}" in result.stdout
+    assert_same_weights(reference, load(tmp_path / 'checkpoint.pth'))
+
+
+def test_save_every_checkpoint_resumes_exactly(reference, tmp_path):
+    """A run that stopped right after a --save-every checkpoint continues to the same weights and losses."""
+    first = tmp_path / 'first'
+    proc = start_training(EXACT + ['--output_dir', first, '--save-every', '7'])
+    assert wait_for_progress_lines(proc, 60)
+    proc.kill()
+    proc.wait()
+    ckpt = load(first / 'checkpoint.pth')
+    assert ckpt['step_in_epoch'] % 7 == 0 and ckpt['step_in_epoch'] > 0
+    result = run_main(EXACT + ['--output_dir', first, '--save-every', '7'])
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(reference, load(first / 'checkpoint.pth'))
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / 'checkpoint.pth'
+    torch.save({'model': {'w': torch.ones(3)}}, path)
+    before = path.read_bytes()
+    child = (
+        'import os, sys, torch\n'
+        f'sys.path.insert(0, {ROOT!r})\n'
+        'import utils\n'
+        'def dying_save(obj, f):\n'
+        '    f.write(b"partial checkpoint bytes")\n'
+        '    f.flush()\n'
+        '    os._exit(9)\n'
+        'torch.save = dying_save\n'
+        f'utils.save_checkpoint({{"model": {{"w": torch.zeros(3)}}}}, {str(path)!r})\n')
+    result = subprocess.run([sys.executable, '-c', child], capture_output=True)
+    assert result.returncode == 9
+    assert path.read_bytes() == before
+    assert torch.equal(load(path)['model']['w'], torch.ones(3))
+
+
+def test_failed_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import utils
+    path = tmp_path / 'checkpoint.pth'
+    utils.save_checkpoint({'v': torch.ones(1)}, str(path))
+
+    def disk_full(obj, f):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(OSError):
+        utils.save_checkpoint({'v': torch.zeros(1)}, str(path))
+    assert torch.equal(load(path)['v'], torch.ones(1))
+    assert os.listdir(tmp_path) == ['checkpoint.pth']
+
+
+def test_unwritable_checkpoint_warns_or_stops_as_asked(tmp_path):
+    blocker = tmp_path / 'checkpoint.pth' / 'in-the-way'  # a folder where the checkpoint should go
+    blocker.mkdir(parents=True)
+    args = TINY + ['--output_dir', tmp_path]
+    go_on = run_main(args + ['--on-save-error', 'continue'])
+    assert go_on.returncode == 0, go_on.stderr
+    assert 'warning: could not write' in go_on.stdout
+    stop = run_main(args + ['--on-save-error', 'stop'])
+    assert stop.returncode == 2
+    assert stop.stderr.startswith('error: could not write')
+
+
+def test_nonfinite_loss_stops_with_epoch_step_and_keeps_checkpoint(tmp_path):
+    args = TINY + ['--output_dir', tmp_path]
+    assert run_main(args).returncode == 0
+    before = (tmp_path / 'checkpoint.pth').read_bytes()
+    result = run_main(args + ['--epochs', '4', '--inject-nonfinite', '100'])  # 44 updates/epoch: epoch 2, step 12
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        'error: loss is nan at epoch 2, step 12 (of 44) after 0 skipped; the last checkpoint is kept']
+    assert (tmp_path / 'checkpoint.pth').read_bytes() == before
+
+
+def test_skip_nonfinite_skips_and_counts(tmp_path):
+    result = run_main(TINY + ['--output_dir', tmp_path, '--inject-nonfinite', '3', '--skip-nonfinite', '2'])
+    assert result.returncode == 0, result.stderr
+    assert 'skipping non-finite loss nan at epoch 0, step 3' in result.stdout
+    import json
+    epochs = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()[1:]]
+    assert [e['skipped_nonfinite'] for e in epochs] == [1, 0]
+
+
+def corrupt_folder(root):
+    write_image_folder(root)
+    with open(os.path.join(root, 'train', 'dog', 'broken.jpg'), 'wb') as f:
+        f.write(b'\xff\xd8\xff\xe0 this is not really a jpeg')
+    return os.path.join(root, 'train', 'dog', 'broken.jpg')
+
+
+def test_corrupt_image_stops_with_its_name(tmp_path):
+    bad = corrupt_folder(str(tmp_path / 'data'))
+    out = tmp_path / 'out'
+    result = run_main(TINY + ['--data-set', 'FOLDER', '--data-path', tmp_path / 'data', '--batch-size', '37',
+                              '--no-repeated-aug', '--output_dir', out, '--num_workers', '1'])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f'error: unreadable image {bad}')
+    assert not (out / 'checkpoint.pth').exists()
+
+
+def test_skip_bad_images_counts_them(tmp_path):
+    corrupt_folder(str(tmp_path / 'data'))
+    result = run_main(TINY + ['--data-set', 'FOLDER', '--data-path', tmp_path / 'data', '--batch-size', '37',
+                              '--output_dir', tmp_path / 'out', '--skip-bad-images', '--no-repeated-aug'])
+    assert result.returncode == 0, result.stderr
+    import json
+    epochs = [json.loads(line) for line in (tmp_path / 'out' / 'log.txt').read_text().splitlines()[1:]]
+    assert [e['skipped_images'] for e in epochs] == [1, 1]  # 37 images, one batch of 37: the broken one
+
+
+def test_mixed_mode_images_are_converted(tmp_path):
+    root = tmp_path / 'data'
+    write_image_folder(str(root))
+    extra = root / 'train' / 'cat'
+    Image.new('CMYK', (12, 12), (10, 20, 30, 0)).save(extra / 'cmyk.jpg')
+    Image.new('I;16', (12, 12), 40000).save(extra / 'deep.png')
+    Image.new('LA', (12, 12), (100, 128)).save(extra / 'gray_alpha.png')
+    result = run_main(TINY + ['--data-set', 'FOLDER', '--data-path', root, '--batch-size', '8'])
+    assert result.returncode == 0, result.stderr
+
+
+def test_weights_only_round_trip_and_unsafe_pickle_refused(tmp_path):
+    import utils
+    good = tmp_path / 'good.pth'
+    utils.save_checkpoint({'model': {'w': torch.arange(4.0)}, 'args': {'model': 'x', 'lr': 1e-3},
+                           'rng': utils.get_rng_state()}, str(good))
+    state = utils.load_checkpoint(str(good))
+    assert torch.equal(state['model']['w'], torch.arange(4.0)) and state['args']['lr'] == 1e-3
+    utils.set_rng_state(state['rng'])
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ('echo unsafe',))
+    evil = tmp_path / 'evil.pth'
+    torch.save({'model': Payload()}, evil, _use_new_zipfile_serialization=True)
+    with pytest.raises(utils.UserError, match='weights_only'):
+        utils.load_checkpoint(str(evil))
