@@ -226,3 +226,68 @@ def test_weights_only_round_trip_and_unsafe_pickle_refused(tmp_path):
     torch.save({'model': Payload()}, evil, _use_new_zipfile_serialization=True)
     with pytest.raises(utils.UserError, match='weights_only'):
         utils.load_checkpoint(str(evil))
+
+
+def test_export_safetensors_then_finetune_from_it(tmp_path):
+    out = tmp_path / 'run'
+    assert run_main(TINY + ['--output_dir', out, '--epochs', '1']).returncode == 0
+    exported = tmp_path / 'weights.safetensors'
+    script = [sys.executable, os.path.join(ROOT, 'scripts', 'export.py')]
+    result = subprocess.run(script + [out / 'checkpoint.pth', exported], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    from safetensors.torch import load_file
+    weights = load_file(exported)
+    ckpt = load(out / 'checkpoint.pth')
+    assert all(torch.equal(weights[k], ckpt['model'][k]) for k in ckpt['model'])
+    again = subprocess.run(script + [out / 'checkpoint.pth', exported], capture_output=True, text=True)
+    assert again.returncode == 2 and 'exists' in again.stderr
+    tuned = run_main(TINY + ['--finetune', exported, '--epochs', '1', '--input-size', '16'])
+    assert tuned.returncode == 0, tuned.stderr
+    assert 'position embedding 4x4 -> 8x8' in tuned.stdout
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    out = tmp_path / 'run'
+    assert run_main(TINY + ['--output_dir', out, '--epochs', '1']).returncode == 0
+    result = run_main(TINY + ['--model', 'deit_tiny_patch2_16', '--eval', '--resume', out / 'checkpoint.pth'])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'does not fit' in lines[0]
+
+
+def test_empty_class_folder_is_a_one_line_error(tmp_path):
+    root = tmp_path / 'data'
+    write_image_folder(str(root))
+    (root / 'train' / 'zebra').mkdir()
+    (root / 'val' / 'zebra').mkdir()
+    result = run_main(TINY + ['--data-set', 'FOLDER', '--data-path', root, '--batch-size', '8'])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'zebra' in lines[0]
+
+
+def torchrun_children(pid):
+    """PIDs of the worker processes a torchrun agent started."""
+    out = subprocess.run(['pgrep', '-P', str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_two_process_run_survives_sigterm_to_one_rank(tmp_path):
+    port = 29000 + os.getpid() % 1000
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}']
+    args = TINY + ['--output_dir', tmp_path, '--batch-size', '8', '--dist-eval']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen(launcher + [os.path.join(ROOT, 'main.py')] + [str(a) for a in args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert wait_for_progress_lines(proc, 3)
+    children = torchrun_children(proc.pid)
+    assert len(children) == 2
+    os.kill(children[1], signal.SIGTERM)
+    rest = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, rest
+    ckpt = load(tmp_path / 'checkpoint.pth')
+    assert ckpt['step_in_epoch'] > 0
+    result = run_main(args, launcher=launcher)
+    assert result.returncode == 0, result.stderr
+    assert 'resumed from' in result.stdout
+    assert load(tmp_path / 'checkpoint.pth')['epoch'] == 1
