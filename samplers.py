@@ -7,13 +7,18 @@ the middle of an epoch draws exactly the augmentations the uninterrupted run wou
 import math
 import random
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 
 def sample_seed(seed, epoch, position):
-    """A 63-bit seed unique to (seed, epoch, position) for positions below 2**32."""
-    return (((seed * 100003 + epoch) << 32) + position) & ((1 << 63) - 1)
+    """A 63-bit seed hashed from (seed, epoch, position).
+
+    Hashed rather than packed: torch's CPU generator keeps only the low 32 bits of a seed, so every bit of the
+    three numbers must reach them.
+    """
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class RASampler(Sampler):

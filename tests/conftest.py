@@ -1,5 +1,7 @@
 """Shared helpers: run main.py as a user would, and write small image datasets to disk."""
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -50,3 +52,32 @@ def write_image_folder(root, classes=('cat', 'dog', 'fish'), per_class=(12, 4), 
 @pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(str(tmp_path / 'data'))
+
+
+# ---------------------------------------------------------------- helpers for end-to-end tests
+
+SUMMARY = r'\* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+)'
+
+
+def read_log(output_dir):
+    """log.txt as (header lines, epoch lines): headers carry 'config', epoch lines carry 'epoch'."""
+    with open(os.path.join(output_dir, 'log.txt')) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return [x for x in lines if 'config' in x], [x for x in lines if 'config' not in x]
+
+
+def snapshot(folder):
+    """{relative path: file bytes} of everything under folder ({} when it does not exist)."""
+    files = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, 'rb') as f:
+                files[os.path.relpath(path, folder)] = f.read()
+    return files
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]

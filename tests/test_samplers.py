@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision import transforms
 
-from samplers import EvalSampler, RASampler, SeededDataset
+from samplers import EvalSampler, RASampler, SeededDataset, sample_seed
 
 WORLDS = (1, 2, 3, 4)
 SIZES = (1, 7, 100, 255, 257)
@@ -102,6 +102,18 @@ def test_seeds_differ_between_epochs():
     a = {s for _, s in items(50, epoch=0)}
     b = {s for _, s in items(50, epoch=1)}
     assert not a & b
+
+
+def torch_draw(seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.rand(4)
+
+
+@pytest.mark.parametrize('changed', [(1, 0, 5), (0, 1, 5), (0, 0, 6), (2 ** 20, 0, 5), (0, 2 ** 20, 5)])
+def test_every_part_of_the_sample_seed_changes_torch_draws(changed):
+    """torch keeps only 32 bits of a seed: run seed, epoch and position must all reach them."""
+    assert not torch.equal(torch_draw(sample_seed(0, 0, 5)), torch_draw(sample_seed(*changed)))
 
 
 @pytest.mark.parametrize('world', [1, 2, 3, 4, 5])
