@@ -18,6 +18,7 @@ from timm.utils import ModelEmaV3
 
 import engine
 import losses
+import localvit
 import models  # noqa: F401 - registers our model families in timm
 import utils
 from datasets import DATASETS, BadImageError, build_dataset, resolve_data_set
@@ -53,6 +54,13 @@ def get_args_parser():
     g.add_argument('--input-size', default=224, type=int, help='image side in pixels')
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     g.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='stochastic depth rate')
+    g.add_argument('--layer-scale', type=float, default=None, metavar='INIT',
+                   help='LayerScale with this initial value (e.g. 1e-5), for ViT-family models')
+    g.add_argument('--localvit', action='store_true',
+                   help="the 24-hour paper's improved LocalViT: a DeiT / ViT with a depth-wise conv in each FFN")
+    g.add_argument('--localvit-act', default=None, choices=localvit.LOCALVIT_ACTS,
+                   help='activation (+ channel attention) of the local FFN; default: hs with --localvit, '
+                        'hs+se for localvit_* models')
     g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (default on)')
     g.add_argument('--no-model-ema', action='store_false', dest='model_ema')
     p.set_defaults(model_ema=True)
@@ -117,6 +125,9 @@ def get_args_parser():
     g.add_argument('--data-path', default=None, type=str, help='dataset root')
     g.add_argument('--data-set', default=None, choices=DATASETS,
                    help='default: IMNET with --data-path, else the embedded DIGITS')
+    g.add_argument('--train-list', default='', metavar='FILE',
+                   help='LIST data set: lines of "image path relative to --data-path, label"')
+    g.add_argument('--val-list', default='', metavar='FILE', help='LIST data set: the validation list')
     g.add_argument('--inat-category', default='name',
                    choices=['kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'])
     g.add_argument('--download', action='store_true', help='let CIFAR10/100 download when missing')
@@ -172,18 +183,52 @@ def amp_dtype(args):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
 
 
+def model_options(args):
+    """Keyword arguments for the model factory from the family flags (--layer-scale, --localvit...)."""
+    options = {}
+    if args.layer_scale is not None:
+        options['init_values'] = args.layer_scale
+    if args.localvit:
+        if args.model.startswith('localvit_'):
+            raise UserError(f'--localvit turns a DeiT / ViT into the improved LocalViT; {args.model} already is a '
+                            'LocalViT: drop --localvit or pick a deit_* / vit_* model')
+        act = args.localvit_act or 'hs'
+        if act not in localvit.IMPROVED_LOCALVIT_ACTS:
+            raise UserError(f'--localvit-act {act} is not available with --localvit; '
+                            f'choose one of {", ".join(localvit.IMPROVED_LOCALVIT_ACTS)}')
+        prefix = 2 if 'distilled' in args.model else 1
+        options['mlp_layer'] = localvit.improved_local_mlp(act=act, num_prefix_tokens=prefix)
+    elif args.localvit_act is not None:
+        if not args.model.startswith('localvit_'):
+            raise UserError(f'--localvit-act applies to localvit_* models or with --localvit; {args.model} is neither')
+        options['act'] = args.localvit_act
+    return options
+
+
+def flag_names(options):
+    names = {'init_values': '--layer-scale', 'mlp_layer': '--localvit', 'act': '--localvit-act'}
+    return ' / '.join(names[k] for k in options)
+
+
 def build_model(args):
     if not timm.is_model(args.model):
         close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
         hint = f'did you mean {", ".join(close)}?' if close else 'see timm.list_models() for the names'
         raise UserError(f'unknown model {args.model}; {hint}')
-    kwargs = dict(num_classes=args.nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    options = model_options(args)
+    kwargs = dict(num_classes=args.nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path, **options)
     native = timm.get_pretrained_cfg_value(args.model, 'input_size')
     if native is not None and native[-1] != args.input_size:
         kwargs['img_size'] = args.input_size
     try:
         model = timm.create_model(args.model, pretrained=False, **kwargs)
-    except (TypeError, AssertionError, ValueError) as e:
+    except TypeError as e:
+        if options and 'unexpected keyword' in str(e):
+            raise UserError(f'{args.model} does not support {flag_names(options)} ({e}); '
+                            'drop the flag or pick a ViT-family model') from e
+        raise UserError(f'model {args.model} cannot be built at --input-size {args.input_size} ({e}); '
+                        'pass a size the model supports') from e
+    except (AssertionError, ValueError) as e:
         raise UserError(f'model {args.model} cannot be built at --input-size {args.input_size} ({e}); '
                         'pass a size the model supports') from e
     patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
@@ -331,7 +376,8 @@ def resume(args, path, model, train_state, model_ema):
         print(f'| loaded weights from {path}')
         return args.start_epoch, 0, 0.0, None
     train_state.optimizer.load_state_dict(ckpt['optimizer'])
-    train_state.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+    # The LR is a function of the update count and this run's flags, so the saved scheduler state is kept for
+    # the record but not restored: a resume with a longer --epochs stretches the schedule to the new length.
     if 'scaler' in ckpt:
         train_state.scaler.load_state_dict(ckpt['scaler'])
     if model_ema is not None and 'model_ema' in ckpt:

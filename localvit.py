@@ -1,0 +1,271 @@
+"""LocalViT and the 24-hour paper's improved LocalViT feed-forward network.
+
+LocalViT ("LocalViT: Bringing Locality to Vision Transformers") keeps DeiT's attention and replaces the MLP by a
+convolutional FFN on the patch grid: 1x1 conv -> depth-wise 3x3 conv -> channel attention -> 1x1 conv, with
+BatchNorm after every conv, no LayerNorm before it and no drop path on it. Class (prefix) tokens skip the FFN.
+The models are timm VisionTransformers with our block, so dynamic image sizes, position-embedding interpolation,
+features, LayerScale (`init_values=`) and the distilled head (timm's VisionTransformerDistilled) all come from timm.
+
+The 24-hour paper ("Ours*") keeps DeiT's block (LayerNorm, drop path, optional LayerScale) and swaps its MLP for
+Linear -> act -> depth-wise 3x3 -> act -> optional channel attention -> Linear, without biases or BatchNorm:
+`improved_local_mlp()` returns it as a timm `mlp_layer`, e.g.
+
+    timm.create_model('deit_small_patch16_224', mlp_layer=improved_local_mlp('hs', num_prefix_tokens=1),
+                      init_values=1e-5)
+
+Activation names follow the original code: 'relu' / 'relu6' / 'hs' (h-swish) for the FFN's activations,
+'+se' (squeeze-excitation with an h-sigmoid gate), '+eca' / '+ecah' (ECA with a sigmoid / h-sigmoid gate).
+"""
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import EcaModule
+from timm.models import (VisionTransformer, VisionTransformerDistilled, build_model_with_cfg,
+                         generate_default_cfgs, register_model)
+from timm.models.vision_transformer import Block
+
+LOCALVIT_ACTS = ('relu', 'relu6', 'hs', 'hs+se', 'hs+eca', 'hs+ecah')
+IMPROVED_LOCALVIT_ACTS = ('relu6', 'hs', 'hs+se', 'hs+eca', 'hs+ecah')  # what `--localvit-act` takes there
+
+# The original code runs ReLU6 for every name without 'hs'; 'relu' here is the plain ReLU its docstring names.
+ACTIVATIONS = {'relu': nn.ReLU, 'relu6': nn.ReLU6, 'hs': nn.Hardswish}
+
+# name: (params in millions, GMACs at 224 px or None) as published
+PAPER_FIGURES = {
+    'localvit_tiny_patch16_224': (5.91, 1.27),
+    'localvit_tiny_se4_patch16_224': (9.38, None),
+    'localvit_small_patch16_224': (22.43, 4.62),
+}
+# timm model name + improved_local_mlp(act='hs'): (params in millions, GMACs at 224 px) as published
+IMPROVED_PAPER_FIGURES = {'deit_small_patch16_224': (22.23, 4.62)}
+
+
+def parse_act(act, allowed):
+    """'hs+se' -> (nn.Hardswish, 'se'); raises ValueError for a name outside `allowed`."""
+    if act not in allowed:
+        raise ValueError(f"unknown LocalViT activation {act!r}: choose one of {', '.join(allowed)}")
+    name, _, attention = act.partition('+')
+    return ACTIVATIONS[name], attention
+
+
+def split_prefix(x, num_prefix_tokens):
+    """(B, N, C) -> (B, P, C) prefix tokens, (B, S * S, C) patch tokens and the grid side S."""
+    num_patches = x.shape[1] - num_prefix_tokens
+    side = math.isqrt(max(num_patches, 0))
+    if num_patches < 1 or side * side != num_patches:
+        raise ValueError(f'LocalViT FFN needs a square patch grid, got {num_patches} patch tokens '
+                         f'({x.shape[1]} tokens, {num_prefix_tokens} prefix): use square images '
+                         f'or fix num_prefix_tokens')
+    return x[:, :num_prefix_tokens], x[:, num_prefix_tokens:], side
+
+
+def tokens_to_grid(x, side):
+    """(B, S * S, C) -> (B, C, S, S)."""
+    B, L, C = x.shape
+    return x.transpose(1, 2).reshape(B, C, side, side)
+
+
+def grid_to_tokens(grid):
+    """(B, C, H, W) -> (B, H * W, C)."""
+    return grid.flatten(2).transpose(1, 2)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gate of LocalViT: mean over the grid -> Linear -> ReLU -> Linear -> h-sigmoid."""
+
+    def __init__(self, channels, reduction):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, channels // reduction)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(channels // reduction, channels)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x):  # (B, C, H, W)
+        weights = self.gate(self.fc2(self.act(self.fc1(x.mean((2, 3))))))  # (B, C)
+        return x * weights[:, :, None, None]
+
+
+def channel_attention(kind, channels, se_reduction):
+    """The optional module after the depth-wise conv: '' (none), 'se', 'eca' or 'ecah'."""
+    if kind == 'se':
+        return SqueezeExcite(channels, se_reduction)
+    if kind in ('eca', 'ecah'):
+        return EcaModule(channels, gate_layer='sigmoid' if kind == 'eca' else 'hard_sigmoid')
+    return nn.Identity()
+
+
+class PatchGridFFN(nn.Module):
+    """An FFN that runs on the patch grid only: prefix (class, distillation) tokens get a zero update.
+
+    Inside a residual block that means they bypass it, as LocalViT's block splits them off before its FFN.
+    """
+
+    def __init__(self, num_prefix_tokens):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x):  # (B, N, C) -> (B, N, C)
+        prefix, patches, side = split_prefix(x, self.num_prefix_tokens)
+        return torch.cat([torch.zeros_like(prefix), self.forward_patches(patches, side)], dim=1)
+
+    def forward_patches(self, patches, side):  # (B, S * S, C) -> (B, S * S, C)
+        raise NotImplementedError
+
+
+class LocalityFeedForward(PatchGridFFN):
+    """LocalViT's FFN: 1x1 conv + BN + act -> depth-wise 3x3 + BN + act -> channel attention -> 1x1 conv + BN."""
+
+    def __init__(self, in_features, hidden_features, act='hs+se', se_reduction=4, num_prefix_tokens=1,
+                 drop=0., **ignored):
+        super().__init__(num_prefix_tokens)
+        act_layer, attention = parse_act(act, LOCALVIT_ACTS)
+        self.fc1 = nn.Conv2d(in_features, hidden_features, 1, bias=False)
+        self.norm1 = nn.BatchNorm2d(hidden_features)
+        self.act1 = act_layer()
+        self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features, bias=False)
+        self.norm2 = nn.BatchNorm2d(hidden_features)
+        self.act2 = act_layer()
+        self.attn = channel_attention(attention, hidden_features, se_reduction)
+        self.fc2 = nn.Conv2d(hidden_features, in_features, 1, bias=False)
+        self.norm3 = nn.BatchNorm2d(in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward_patches(self, patches, side):
+        x = self.act1(self.norm1(self.fc1(tokens_to_grid(patches, side))))  # (B, hidden, S, S)
+        x = self.attn(self.act2(self.norm2(self.dwconv(x))))
+        return self.drop(grid_to_tokens(self.norm3(self.fc2(x))))
+
+
+class ImprovedLocalMlp(PatchGridFFN):
+    """The 24-hour paper's FFN: Linear + act -> depth-wise 3x3 + act -> channel attention -> Linear, no biases."""
+
+    def __init__(self, in_features, hidden_features, act='hs', num_prefix_tokens=1, se_reduction=None,
+                 drop=0., **ignored):
+        super().__init__(num_prefix_tokens)
+        act_layer, attention = parse_act(act, IMPROVED_LOCALVIT_ACTS)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=False)
+        self.act1 = act_layer()
+        self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features, bias=False)
+        self.act2 = act_layer()
+        # the 24-hour code sets the SE reduction to in_features // 4 (a 16-wide SE for mlp_ratio 4)
+        self.attn = channel_attention(attention, hidden_features, se_reduction or in_features // 4)
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=False)
+        self.drop = nn.Dropout(drop)
+
+    def forward_patches(self, patches, side):
+        x = tokens_to_grid(self.act1(self.fc1(patches)), side)  # (B, hidden, S, S)
+        x = self.attn(self.act2(self.dwconv(x)))
+        return self.drop(self.fc2(grid_to_tokens(x)))
+
+
+def improved_local_mlp(act='hs', num_prefix_tokens=1, se_reduction=None):
+    """A timm `mlp_layer` for ViT / DeiT / DeiT III blocks: the 24-hour paper's local FFN.
+
+    num_prefix_tokens: 1 for DeiT / DeiT III, 2 for distilled DeiTs (class + distillation token).
+    """
+    parse_act(act, IMPROVED_LOCALVIT_ACTS)
+    if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f'num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}')
+    return partial(ImprovedLocalMlp, act=act, num_prefix_tokens=num_prefix_tokens, se_reduction=se_reduction)
+
+
+class LocalViTBlock(Block):
+    """timm's pre-norm Block with LocalViT's FFN: no LayerNorm before it and no drop path on it.
+
+    x = x + drop_path(ls1(attn(norm1(x)))); x = x + ls2(FFN(x)) on the patch tokens.
+    """
+
+    def __init__(self, dim, num_heads, act='hs+se', se_reduction=4, num_prefix_tokens=1, **kwargs):
+        kwargs['mlp_layer'] = partial(
+            LocalityFeedForward, act=act, se_reduction=se_reduction, num_prefix_tokens=num_prefix_tokens)
+        super().__init__(dim, num_heads, **kwargs)
+        self.norm2 = nn.Identity()
+        self.drop_path2 = nn.Identity()
+
+
+# name: (patch size, image size, embed dim, depth, heads, SE reduction, distillation token)
+LOCALVIT_SIZES = {
+    'localvit_tiny_patch16_224': (16, 224, 192, 12, 4, 192, False),
+    'localvit_tiny_se4_patch16_224': (16, 224, 192, 12, 4, 4, False),
+    'localvit_small_patch16_224': (16, 224, 384, 12, 8, 384, False),
+    'localvit_tiny_patch4_32': (4, 32, 192, 12, 4, 192, False),
+    'localvit_micro_patch2_16': (2, 16, 48, 2, 2, 48, False),  # the test size: seconds on a CPU
+    'localvit_tiny_distilled_patch16_224': (16, 224, 192, 12, 4, 192, True),
+    'localvit_small_distilled_patch16_224': (16, 224, 384, 12, 8, 384, True),
+    'localvit_tiny_distilled_patch4_32': (4, 32, 192, 12, 4, 192, True),
+    'localvit_micro_distilled_patch2_16': (2, 16, 48, 2, 2, 48, True),
+}
+NUM_CLASSES_BY_IMAGE_SIZE = {224: 1000, 32: 100, 16: 10}
+
+
+def _cfg(image_size, distilled):
+    return {'url': '', 'num_classes': NUM_CLASSES_BY_IMAGE_SIZE[image_size],
+            'input_size': (3, image_size, image_size), 'pool_size': None,
+            'crop_pct': 0.875 if image_size == 224 else 1.0, 'interpolation': 'bicubic',
+            'fixed_input_size': False, 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+            'first_conv': 'patch_embed.proj', 'classifier': ('head', 'head_dist') if distilled else 'head'}
+
+
+default_cfgs = generate_default_cfgs({
+    name: _cfg(size[1], size[6]) for name, size in LOCALVIT_SIZES.items()})
+
+
+def _create_localvit(name, pretrained=False, act='hs+se', se_reduction=None, **kwargs):
+    patch, image_size, dim, depth, heads, reduction, distilled = LOCALVIT_SIZES[name]
+    parse_act(act, LOCALVIT_ACTS)
+    num_prefix_tokens = int(kwargs.get('class_token', True)) + kwargs.get('reg_tokens', 0) + int(distilled)
+    block_fn = partial(LocalViTBlock, act=act, se_reduction=se_reduction or reduction,
+                       num_prefix_tokens=num_prefix_tokens)
+    model_args = dict(patch_size=patch, img_size=image_size, embed_dim=dim, depth=depth, num_heads=heads,
+                      block_fn=block_fn)
+    model_cls = VisionTransformerDistilled if distilled else VisionTransformer
+    feature_cfg = dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter')
+    return build_model_with_cfg(model_cls, name, pretrained, feature_cfg=feature_cfg, **dict(model_args, **kwargs))
+
+
+@register_model
+def localvit_tiny_patch16_224(pretrained=False, **kwargs):
+    return _create_localvit('localvit_tiny_patch16_224', pretrained, **kwargs)
+
+
+@register_model
+def localvit_tiny_se4_patch16_224(pretrained=False, **kwargs):
+    return _create_localvit('localvit_tiny_se4_patch16_224', pretrained, **kwargs)
+
+
+@register_model
+def localvit_small_patch16_224(pretrained=False, **kwargs):
+    return _create_localvit('localvit_small_patch16_224', pretrained, **kwargs)
+
+
+@register_model
+def localvit_tiny_patch4_32(pretrained=False, **kwargs):
+    return _create_localvit('localvit_tiny_patch4_32', pretrained, **kwargs)
+
+
+@register_model
+def localvit_micro_patch2_16(pretrained=False, **kwargs):
+    return _create_localvit('localvit_micro_patch2_16', pretrained, **kwargs)
+
+
+@register_model
+def localvit_tiny_distilled_patch16_224(pretrained=False, **kwargs):
+    return _create_localvit('localvit_tiny_distilled_patch16_224', pretrained, **kwargs)
+
+
+@register_model
+def localvit_small_distilled_patch16_224(pretrained=False, **kwargs):
+    return _create_localvit('localvit_small_distilled_patch16_224', pretrained, **kwargs)
+
+
+@register_model
+def localvit_tiny_distilled_patch4_32(pretrained=False, **kwargs):
+    return _create_localvit('localvit_tiny_distilled_patch4_32', pretrained, **kwargs)
+
+
+@register_model
+def localvit_micro_distilled_patch2_16(pretrained=False, **kwargs):
+    return _create_localvit('localvit_micro_distilled_patch2_16', pretrained, **kwargs)

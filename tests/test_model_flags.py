@@ -1,0 +1,49 @@
+"""Family flags of main.py reach the model factory: --layer-scale, --localvit, --localvit-act."""
+import pytest
+import torch
+
+import localvit
+import main
+from utils import UserError
+
+
+def build(*flags, model='deit_micro_patch2_16'):
+    args = main.get_args_parser().parse_args(['--model', model, '--input-size', '16', *flags])
+    args.nb_classes = 10
+    return main.build_model(args)
+
+
+def test_layer_scale_sets_the_initial_gammas():
+    model = build('--layer-scale', '1e-5')
+    gammas = [b.ls1.gamma for b in model.blocks] + [b.ls2.gamma for b in model.blocks]
+    assert all(torch.all(g == 1e-5) for g in gammas)
+    assert not hasattr(build().blocks[0].ls1, 'gamma')
+
+
+def test_localvit_puts_the_local_ffn_in_every_block():
+    model = build('--localvit')
+    assert all(isinstance(b.mlp, localvit.ImprovedLocalMlp) and b.mlp.num_prefix_tokens == 1 for b in model.blocks)
+    out = model(torch.randn(2, 3, 16, 16))
+    assert out.shape == (2, 10)
+
+
+def test_localvit_counts_the_distillation_token():
+    args = main.get_args_parser().parse_args(['--model', 'deit_tiny_distilled_patch16_224', '--localvit'])
+    assert main.model_options(args)['mlp_layer'].keywords['num_prefix_tokens'] == 2
+
+
+def test_localvit_act_reaches_localvit_models():
+    relu = build('--localvit-act', 'relu', model='localvit_micro_patch2_16')
+    default = build(model='localvit_micro_patch2_16')
+    assert str(relu.blocks[0].mlp) != str(default.blocks[0].mlp)
+
+
+@pytest.mark.parametrize('flags, model, message', [
+    (['--localvit-act', 'hs'], 'deit_micro_patch2_16', r'applies to localvit_\* models'),
+    (['--localvit'], 'localvit_micro_patch2_16', 'already is a LocalViT'),
+    (['--localvit', '--localvit-act', 'relu'], 'deit_micro_patch2_16', 'not available with --localvit'),
+    (['--layer-scale', '1e-5'], 'resnet18', 'does not support --layer-scale'),
+])
+def test_family_flag_misuse_is_a_user_error(flags, model, message):
+    with pytest.raises(UserError, match=message):
+        build(*flags, model=model)
