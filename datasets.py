@@ -11,7 +11,7 @@ from torchvision import datasets, transforms
 
 from utils import UserError
 
-DATASETS = ('IMNET', 'FOLDER', 'CIFAR10', 'CIFAR100', 'INAT18', 'INAT19', 'DIGITS', 'FAKE')
+DATASETS = ('IMNET', 'FOLDER', 'CIFAR10', 'CIFAR100', 'INAT18', 'INAT19', 'LIST', 'DIGITS', 'FAKE')
 SMALL_IMAGE_MAX = 64  # inputs of this many pixels or fewer get the small-image pipeline
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
@@ -27,7 +27,7 @@ def build_dataset(is_train, args):
     """Return (dataset, class_names) for the split; class indices are positions in class_names."""
     transform = build_transform(is_train, args)
     builder = {'IMNET': _image_folder, 'FOLDER': _image_folder, 'CIFAR10': _cifar, 'CIFAR100': _cifar,
-               'INAT18': _inat, 'INAT19': _inat, 'DIGITS': _digits, 'FAKE': _fake}[args.data_set]
+               'INAT18': _inat, 'INAT19': _inat, 'LIST': _list, 'DIGITS': _digits, 'FAKE': _fake}[args.data_set]
     return builder(is_train, args, transform)
 
 
@@ -153,6 +153,67 @@ def _inat(is_train, args, transform):
     year = 2018 if args.data_set == 'INAT18' else 2019
     dataset = INatDataset(root, is_train, year, args.inat_category, transform)
     return dataset, dataset.classes
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """Images named in a list file, one `relative/path.jpg LABEL` per line (DomainNet's layout, used by DHVT).
+
+    Paths are relative to `root`. A class is named after the folder its images sit in when every image of that
+    label shares one folder name (DomainNet: clipart/airplane/x.jpg -> 'airplane'), else after its number.
+    """
+
+    def __init__(self, root, list_file, transform=None, num_classes=None):
+        self.transform = transform
+        self.samples = read_list_file(root, list_file)
+        labels = {label for _, label in self.samples}
+        self.num_classes = num_classes or max(labels) + 1
+        folders = {}
+        for path, label in self.samples:
+            folders.setdefault(label, set()).add(os.path.basename(os.path.dirname(path)))
+        self.classes = [next(iter(folders[c])) if len(folders.get(c, ())) == 1 else str(c)
+                        for c in range(self.num_classes)]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform else img), target
+
+
+def read_list_file(root, list_file):
+    """[(image path, label)] from a list file; a malformed line is a one-line error naming file and line."""
+    if not list_file or not os.path.isfile(list_file):
+        raise UserError(f'list file {list_file!r} does not exist; pass --train-list and --val-list files with '
+                        'one "relative/path.jpg LABEL" per line')
+    samples = []
+    with open(list_file) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            path, _, label = line.strip().rpartition(' ')
+            if not path or not label.isdigit():
+                raise UserError(f'{list_file} line {number}: {line.strip()[:80]!r} is not "path LABEL"; '
+                                'write one image path and one non-negative integer label per line')
+            samples.append((os.path.join(root, path.strip()), int(label)))
+    if not samples:
+        raise UserError(f'{list_file} lists no images; write one "relative/path.jpg LABEL" per line')
+    return samples
+
+
+def _list(is_train, args, transform):
+    root = _require_folder(args.data_path, '--data-path', 'the folder the list files\' image paths start from')
+    train = ListDataset(root, args.train_list)
+    if is_train:
+        dataset = train
+        dataset.transform = transform
+    else:
+        dataset = ListDataset(root, args.val_list, transform, num_classes=train.num_classes)
+        if max(label for _, label in dataset.samples) >= train.num_classes:
+            raise UserError(f'{args.val_list} has labels the train list {args.train_list} lacks; '
+                            'use the same label numbering in both lists')
+    return dataset, train.classes
 
 
 class ArrayImageDataset(torch.utils.data.Dataset):
