@@ -32,6 +32,7 @@ class TrainState:
     skip_nonfinite: int = 0                  # non-finite losses skipped (not stepped) before the run stops
     inject_nonfinite_at: int = -1            # fault injection for tests: make this global update's loss NaN
     after_update: Optional[Callable] = None  # (epoch, updates_done_in_epoch, metrics) -> True to stop
+    before_update: Optional[Callable] = None  # (global update) -> None: per-step model schedules (EViT keep rate)
 
 
 def autocast(device, amp_dtype):
@@ -66,6 +67,8 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
         micro, update = i % accum, start_step + i // accum
         if micro == 0:
             state.lr_scheduler.step_update(epoch * total + update)
+            if state.before_update is not None:
+                state.before_update(epoch * total + update)
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if state.mixup_fn is not None:
@@ -169,3 +172,23 @@ def evaluate(loader, model, device, amp_dtype=None, distributed=False, prefix=''
         print(f'{prefix}* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}',
               flush=True)
     return stats
+
+
+def _synchronize(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_throughput(model, batch_size=64, img_size=224, device='cpu', iters=100, warmup=100):
+    """Images per second of model.eval() on random (batch_size, 3, img_size, img_size) fp32 inputs."""
+    model = model.eval().to(device)
+    x = torch.rand(batch_size, 3, img_size, img_size, device=device)
+    for _ in range(warmup):
+        model(x)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        model(x)
+    _synchronize(device)
+    return batch_size * iters / (time.perf_counter() - start)

@@ -1,6 +1,9 @@
-"""Training criteria: the base classification loss (distillation wraps it)."""
+"""Training criteria: the base classification loss, and DeiT's distillation around it with its teacher."""
+import timm
 import torch
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from utils import UserError, load_checkpoint
 
 
 def build_base_criterion(mixup_active, smoothing, bce_loss):
@@ -51,3 +54,41 @@ class DistillationLoss(torch.nn.Module):
         else:
             distillation_loss = torch.nn.functional.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
+
+
+def build_teacher(name, path, num_classes, input_size, device):
+    """A frozen teacher in eval mode: timm model `name` with the weights in `path` (file, URL or .safetensors)."""
+    if not path:
+        raise UserError('distillation needs a teacher: pass --teacher-path FILE_OR_URL with its weights '
+                        '(and --teacher-model NAME)')
+    if not timm.is_model(name):
+        raise UserError(f'unknown --teacher-model {name}; pass a timm model name or one of ours')
+    state = load_checkpoint(path)
+    state = state.get('model', state)
+    teacher = _create_at_size(name, num_classes, input_size)
+    _check_teacher_classes(teacher, state, path, num_classes)
+    try:
+        teacher.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f'--teacher-path {path} does not fit --teacher-model {name} at --input-size {input_size} '
+                        f'({str(e).strip().splitlines()[-1].strip()[:120]}); pass the model it was trained as') from e
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def _create_at_size(name, num_classes, input_size):
+    native = timm.get_pretrained_cfg_value(name, 'input_size')
+    if native is not None and native[-1] != input_size:
+        try:
+            return timm.create_model(name, num_classes=num_classes, img_size=input_size)
+        except TypeError:  # convnets take any size and have no img_size argument
+            pass
+    return timm.create_model(name, num_classes=num_classes)
+
+
+def _check_teacher_classes(teacher, state, path, num_classes):
+    classifier = teacher.pretrained_cfg.get('classifier', 'head')
+    for name in (classifier,) if isinstance(classifier, str) else classifier:
+        weight = state.get(f'{name}.weight')
+        if weight is not None and weight.shape[0] != num_classes:
+            raise UserError(f'teacher {path} predicts {weight.shape[0]} classes but the data set has '
+                            f'{num_classes}; use a teacher trained on the same classes')

@@ -1,5 +1,6 @@
 """Train and evaluate DeiT-style vision transformers: flags -> build everything -> epoch loop."""
 import argparse
+import ast
 import difflib
 import math
 import os
@@ -17,8 +18,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 import engine
-import losses
+import evit
 import localvit
+import losses
 import models  # noqa: F401 - registers our model families in timm
 import utils
 from datasets import DATASETS, BadImageError, build_dataset, resolve_data_set
@@ -117,6 +119,25 @@ def get_args_parser():
     g.add_argument('--mixup-switch-prob', type=float, default=0.5)
     g.add_argument('--mixup-mode', type=str, default='batch', choices=['batch', 'pair', 'elem'])
 
+    g = p.add_argument_group('token reorganisation (EViT models)')
+    g.add_argument('--base_keep_rate', type=float, default=None,
+                   help='fraction of patch tokens kept at each keep layer (default: the model\'s, 0.7)')
+    g.add_argument('--fuse_token', action='store_true', help='fuse the dropped tokens into one extra token')
+    g.add_argument('--drop_loc', default=None, type=str, help="keep layers, e.g. '(3, 6, 9)' (default: the model's)")
+    g.add_argument('--shrink_start_epoch', default=10, type=int, help='keep every token until this epoch')
+    g.add_argument('--shrink_epochs', default=100, type=int,
+                   help='epochs of cosine decay of the keep rate from 1 to --base_keep_rate (0: at once)')
+    g.add_argument('--test_speed', action='store_true', help='print inference img/s (batch 64) before training')
+    g.add_argument('--only_test_speed', action='store_true', help='print inference img/s and exit')
+
+    g = p.add_argument_group('distillation (DeiT)')
+    g.add_argument('--teacher-model', default='regnety_160', type=str, metavar='NAME',
+                   help='timm name of the teacher')
+    g.add_argument('--teacher-path', type=str, default='', help='teacher weights: file, URL or .safetensors')
+    g.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'])
+    g.add_argument('--distillation-alpha', default=0.5, type=float, help='weight of the distillation term')
+    g.add_argument('--distillation-tau', default=1.0, type=float, help='temperature of soft distillation')
+
     g = p.add_argument_group('fine-tuning')
     g.add_argument('--finetune', default='', help='checkpoint to start from; head and position embedding '
                    'are adapted to this run')
@@ -202,11 +223,50 @@ def model_options(args):
         if not args.model.startswith('localvit_'):
             raise UserError(f'--localvit-act applies to localvit_* models or with --localvit; {args.model} is neither')
         options['act'] = args.localvit_act
+    options.update(evit_options(args))
     return options
 
 
+def is_evit(name):
+    return timm.is_model(name) and timm.models.get_arch_name(name) in timm.list_models(module='evit')
+
+
+def evit_options(args):
+    given = {'keep_rate': args.base_keep_rate, 'fuse_token': args.fuse_token or None,
+             'drop_loc': parse_drop_loc(args.drop_loc)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and not is_evit(args.model):
+        raise UserError(f'--base_keep_rate / --fuse_token / --drop_loc apply to EViT models; {args.model} is not one '
+                        '(try evit_small_patch16_224)')
+    return given
+
+
+def parse_drop_loc(text):
+    if text is None:
+        return None
+    try:
+        value = ast.literal_eval(text)
+        return tuple(int(i) for i in (value if isinstance(value, (tuple, list)) else (value,)))
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise UserError(f"--drop_loc {text!r} is not a list of block indices; write it as '(3, 6, 9)'") from e
+
+
+def keep_rate_schedule(args, models_to_set, updates_per_epoch):
+    """EViT's per-step keep-rate warm-up for the model and its EMA; None for other models."""
+    if not is_evit(args.model):
+        return None
+    base = args.base_keep_rate or min(models_to_set[0].keep_rates)
+
+    def set_rate(step):
+        rate = evit.keep_rate_at(step, updates_per_epoch, base, args.shrink_start_epoch, args.shrink_epochs)
+        for m in models_to_set:
+            m.set_keep_rate(rate)
+    return set_rate
+
+
 def flag_names(options):
-    names = {'init_values': '--layer-scale', 'mlp_layer': '--localvit', 'act': '--localvit-act'}
+    names = {'init_values': '--layer-scale', 'mlp_layer': '--localvit', 'act': '--localvit-act',
+             'keep_rate': '--base_keep_rate', 'fuse_token': '--fuse_token', 'drop_loc': '--drop_loc'}
     return ' / '.join(names[k] for k in options)
 
 
@@ -329,6 +389,32 @@ def build_mixup(args):
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                  label_smoothing=0.0 if args.bce_loss else args.smoothing, num_classes=args.nb_classes)
+
+
+def report_speed(args, model, device):
+    """EViT's speed test: inference images/s at batch 64, fp32, random inputs."""
+    warmup, iters = (10, 100) if device.type == 'cuda' else (2, 10)
+    speed = engine.measure_throughput(model, 64, args.input_size, device, iters=iters, warmup=warmup)
+    if utils.is_main_process():
+        print(f'| speed test: {speed:.1f} images/s ({args.model}, batch 64, {args.input_size} px, fp32, '
+              f'{iters} timed iterations on {device.type})', flush=True)
+
+
+def build_criterion(args, model, mixup_active, device):
+    """The base criterion, wrapped in DeiT's distillation loss with its teacher when one is asked for."""
+    base = losses.build_base_criterion(mixup_active, args.smoothing, args.bce_loss)
+    if args.distillation_type == 'none':
+        return losses.DistillationLoss(base)
+    if args.finetune:
+        raise UserError('fine-tuning with distillation is not supported (as in DeiT); '
+                        'drop --finetune or set --distillation-type none')
+    if not hasattr(model, 'set_distilled_training'):
+        raise UserError(f'{args.model} has no distillation token for --distillation-type {args.distillation_type}; '
+                        'pick a *_distilled_* model, e.g. deit_small_distilled_patch16_224')
+    model.set_distilled_training(True)
+    teacher = losses.build_teacher(args.teacher_model, args.teacher_path, args.nb_classes, args.input_size, device)
+    return losses.DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha,
+                                   args.distillation_tau)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -486,8 +572,13 @@ def main(args):
         mixup_fn=build_mixup(args), model_ema=model_ema, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
         updates_per_epoch=n_updates, print_freq=args.print_freq, batch_size=args.batch_size,
         skip_nonfinite=args.skip_nonfinite, inject_nonfinite_at=args.inject_nonfinite)
-    criterion = losses.DistillationLoss(
-        losses.build_base_criterion(train_state.mixup_fn is not None, args.smoothing, args.bce_loss))
+    train_state.before_update = keep_rate_schedule(args, [model] + ([model_ema.module] if model_ema else []),
+                                                   n_updates)
+    criterion = build_criterion(args, model, train_state.mixup_fn is not None, device)
+    if args.test_speed or args.only_test_speed:
+        report_speed(args, model, device)
+        if args.only_test_speed:
+            return
 
     resume_path = find_resume(args)
     start_step, max_accuracy, start_metrics = 0, 0.0, None
@@ -540,6 +631,8 @@ def main(args):
         stats = {'train_lr': train_stats['lr'], 'train_loss': train_stats['loss'],
                  'test_loss': test_stats['loss'], 'test_acc1': test_stats['acc1'], 'test_acc5': test_stats['acc5'],
                  'epoch': epoch, 'n_parameters': n_parameters}
+        if is_evit(args.model):
+            stats['keep_rate'] = min(model.keep_rates)
         if model_ema is not None:
             ema_stats = engine.evaluate(loader_val, model_ema.module, prefix='EMA ', **eval_kwargs)
             stats['test_ema_acc1'] = ema_stats['acc1']

@@ -2,36 +2,54 @@
 
 Small-image DeiTs: DeiT-Ti / DeiT-S shapes with patch 4 for 32 px inputs (CIFAR) and patch 2 for 8-16 px
 inputs (DIGITS). They are timm VisionTransformers, so every timm feature (dynamic sizes, features,
-no_weight_decay, distilled heads via deit's class) applies unchanged.
+no_weight_decay) applies unchanged; the distilled sizes are timm's VisionTransformerDistilled (DeiT's
+distillation token and head).
 """
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (VisionTransformer, VisionTransformerDistilled, build_model_with_cfg, generate_default_cfgs,
+                         register_model)
 
-# name: (patch size, native image size, embed dim, depth, heads)
+import dhvt  # noqa: F401 - each family module registers its models in timm on import
+import evit  # noqa: F401
+import localvit  # noqa: F401
+
+# timm's DeiTs as published: name -> (params in millions, GMACs at 224 px); scripts/model_table.py checks them
+PAPER_FIGURES = {
+    'deit_tiny_patch16_224': (5.7, 1.25),
+    'deit_small_patch16_224': (22.1, 4.60),
+    'deit_base_patch16_224': (86.6, 17.6),
+}
+
+# name: (patch size, native image size, embed dim, depth, heads, distillation token)
 SMALL_DEIT_SIZES = {
-    'deit_tiny_patch4_32': (4, 32, 192, 12, 3),
-    'deit_small_patch4_32': (4, 32, 384, 12, 6),
-    'deit_tiny_patch2_16': (2, 16, 192, 12, 3),
-    'deit_small_patch2_16': (2, 16, 384, 12, 6),
-    'deit_micro_patch2_16': (2, 16, 48, 2, 2),  # the test size: seconds on a CPU
+    'deit_tiny_patch4_32': (4, 32, 192, 12, 3, False),
+    'deit_small_patch4_32': (4, 32, 384, 12, 6, False),
+    'deit_tiny_patch2_16': (2, 16, 192, 12, 3, False),
+    'deit_small_patch2_16': (2, 16, 384, 12, 6, False),
+    'deit_micro_patch2_16': (2, 16, 48, 2, 2, False),  # the test size: seconds on a CPU
+    'deit_tiny_distilled_patch4_32': (4, 32, 192, 12, 3, True),
+    'deit_small_distilled_patch4_32': (4, 32, 384, 12, 6, True),
+    'deit_tiny_distilled_patch2_16': (2, 16, 192, 12, 3, True),
+    'deit_micro_distilled_patch2_16': (2, 16, 48, 2, 2, True),
 }
 
 
-def _cfg(size, num_classes):
+def _cfg(size, num_classes, distilled):
     return {'url': '', 'num_classes': num_classes, 'input_size': (3, size, size), 'pool_size': None,
             'crop_pct': 1.0, 'interpolation': 'bicubic', 'fixed_input_size': False,
             'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'first_conv': 'patch_embed.proj',
-            'classifier': 'head'}
+            'classifier': ('head', 'head_dist') if distilled else 'head'}
 
 
 default_cfgs = generate_default_cfgs({
-    name: _cfg(img, 100 if img == 32 else 10) for name, (_, img, _, _, _) in SMALL_DEIT_SIZES.items()})
+    name: _cfg(size[1], 100 if size[1] == 32 else 10, size[5]) for name, size in SMALL_DEIT_SIZES.items()})
 
 
 def _small_deit(name, pretrained=False, **kwargs):
-    patch, img, dim, depth, heads = SMALL_DEIT_SIZES[name]
+    patch, img, dim, depth, heads, distilled = SMALL_DEIT_SIZES[name]
     model_args = dict(patch_size=patch, img_size=img, embed_dim=dim, depth=depth, num_heads=heads)
-    return build_model_with_cfg(VisionTransformer, name, pretrained, **dict(model_args, **kwargs))
+    model_cls = VisionTransformerDistilled if distilled else VisionTransformer
+    return build_model_with_cfg(model_cls, name, pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
@@ -57,3 +75,23 @@ def deit_small_patch2_16(pretrained=False, **kwargs):
 @register_model
 def deit_micro_patch2_16(pretrained=False, **kwargs):
     return _small_deit('deit_micro_patch2_16', pretrained, **kwargs)
+
+
+@register_model
+def deit_tiny_distilled_patch4_32(pretrained=False, **kwargs):
+    return _small_deit('deit_tiny_distilled_patch4_32', pretrained, **kwargs)
+
+
+@register_model
+def deit_small_distilled_patch4_32(pretrained=False, **kwargs):
+    return _small_deit('deit_small_distilled_patch4_32', pretrained, **kwargs)
+
+
+@register_model
+def deit_tiny_distilled_patch2_16(pretrained=False, **kwargs):
+    return _small_deit('deit_tiny_distilled_patch2_16', pretrained, **kwargs)
+
+
+@register_model
+def deit_micro_distilled_patch2_16(pretrained=False, **kwargs):
+    return _small_deit('deit_micro_distilled_patch2_16', pretrained, **kwargs)

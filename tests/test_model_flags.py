@@ -47,3 +47,28 @@ def test_localvit_act_reaches_localvit_models():
 def test_family_flag_misuse_is_a_user_error(flags, model, message):
     with pytest.raises(UserError, match=message):
         build(*flags, model=model)
+
+
+def test_evit_flags_reach_the_model():
+    model = build('--base_keep_rate', '0.5', '--fuse_token', '--drop_loc', '(0, 1)', model='evit_micro_patch2_16')
+    assert model.drop_loc == (0, 1) and model.fuse_token
+    assert model.keep_rates == (0.5, 0.5) or list(model.keep_rates) == [0.5, 0.5]
+
+
+@pytest.mark.parametrize('flags, message', [(['--fuse_token'], 'apply to EViT models'),
+                                            (['--drop_loc', 'x'], 'not a list of block indices')])
+def test_evit_flag_misuse_is_a_user_error(flags, message):
+    with pytest.raises(UserError, match=message):
+        build(*flags, model='deit_micro_patch2_16' if '--fuse_token' in flags else 'evit_micro_patch2_16')
+
+
+def test_keep_rate_schedule_sets_model_and_ema():
+    args = main.get_args_parser().parse_args(['--model', 'evit_micro_patch2_16', '--base_keep_rate', '0.5',
+                                              '--shrink_start_epoch', '1', '--shrink_epochs', '2'])
+    args.nb_classes = 10
+    model, ema = main.build_model(args), main.build_model(args)
+    set_rate = main.keep_rate_schedule(args, [model, ema], updates_per_epoch=4)
+    for step, expected in ((0, 1.0), (3, 1.0), (8, 0.75), (12, 0.5), (40, 0.5)):
+        set_rate(step)
+        assert min(model.keep_rates) == min(ema.keep_rates) == pytest.approx(expected)
+    assert main.keep_rate_schedule(main.get_args_parser().parse_args([]), [model], 4) is None

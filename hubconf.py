@@ -1,0 +1,87 @@
+"""torch.hub entry points: every model this repository registers in timm, plus DeiT's published models.
+
+    model = torch.hub.load(REPO_DIR, 'deit_small_patch16_224', source='local', pretrained=True)
+    model = torch.hub.load(REPO_DIR, 'dhvt_tiny_patch4_32', source='local', checkpoint_path='checkpoint.pth')
+
+Each entry is `name(pretrained=False, checkpoint_path=None, **kwargs)`; kwargs go to timm.create_model.
+"""
+import timm
+
+import models  # noqa: F401 - importing it registers every family of ours in timm
+import utils
+
+dependencies = ['torch', 'timm']
+
+# timm records the name of the module that registered each model; 'deit' is timm's own DeiT / DeiT III module,
+# whose cfgs point at the facebookresearch/deit weights.
+_MODULES = ('models', 'localvit', 'dhvt', 'evit', 'deit')
+
+
+def _create(name, pretrained, checkpoint_path, kwargs):
+    if pretrained and checkpoint_path:
+        raise ValueError(f'{name}: pass either pretrained=True or checkpoint_path=, not both')
+    if pretrained:
+        return _create_pretrained(name, kwargs)
+    model = timm.create_model(name, **kwargs)
+    if checkpoint_path:
+        _load_checkpoint(model, name, checkpoint_path)
+    return model
+
+
+def _create_pretrained(name, kwargs):
+    """timm fetches the cfg's weights (Hugging Face hub first, else its url) with weights_only loading."""
+    cfg = {**timm.models.get_pretrained_cfg(name).to_dict(), **kwargs.get('pretrained_cfg_overlay', {})}
+    source = cfg.get('hf_hub_id') or cfg.get('url') or cfg.get('file')
+    if not source:
+        raise ValueError(f'{name} has no published weights; train it with main.py and pass the file with '
+                         "checkpoint_path='.../checkpoint.pth'")
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except OSError as e:  # urllib, Hugging Face hub and missing-file errors are all OSErrors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise RuntimeError(f'could not fetch the {name} weights from {source} ({reason}); download them '
+                           "yourself and pass the local file with checkpoint_path='...'") from e
+
+
+def _load_checkpoint(model, name, path):
+    """A main.py checkpoint ({'model': ..., 'model_ema': ...}), a bare state dict, or a .safetensors file."""
+    try:
+        checkpoint = utils.load_checkpoint(str(path))
+    except utils.UserError as e:
+        raise ValueError(str(e)) from e
+    state = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f'{path} holds no state dict; pass a checkpoint written by main.py or torch.save')
+    _check_fits(model, state, name, path)
+    model.load_state_dict(state)
+
+
+def _check_fits(model, state, name, path):
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = [f'{label} {keys[:3]}' for label, keys in
+                (('missing', missing), ('unexpected', unexpected), ('other shapes for', reshaped)) if keys]
+    if problems:
+        raise ValueError(f'{path} does not fit {name} ({"; ".join(problems)}); pass a checkpoint of {name} '
+                         'built with the same kwargs (num_classes=, img_size=, ...)')
+
+
+def _entry(name, module):
+    def entry(pretrained=False, checkpoint_path=None, **kwargs):
+        return _create(name, pretrained, checkpoint_path, kwargs)
+
+    origin = "timm's deit.py" if module == 'deit' else f'{module}.py'
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = (
+        f'{name}: a timm model from {origin}.\n\n'
+        'pretrained: load the weights its pretrained_cfg publishes (an error when it publishes none).\n'
+        'checkpoint_path: a local .pth (a main.py checkpoint or a bare state dict) or .safetensors file.\n'
+        'kwargs: passed to timm.create_model (num_classes=, img_size=, drop_path_rate=, ...).')
+    return entry
+
+
+for _module in _MODULES:
+    for _name in timm.list_models(module=_module):
+        globals()[_name] = _entry(_name, _module)

@@ -1,0 +1,31 @@
+# Shared by the recipes (sourced, not run): reads the data path and output dir, then `launch GLOBAL_BATCH FLAGS`
+# runs main.py on NPROC processes with GLOBAL_BATCH / NPROC images each, so the global batch (and the scaled
+# learning rate) stays the paper's on any number of GPUs.
+#
+#   recipe.sh [DATA_PATH [OUTPUT_DIR [more main.py flags ...]]]     (or DATA_PATH=... OUTPUT_DIR=... recipe.sh)
+#   NPROC=8 recipe.sh ...      processes (GPUs) on this node; default: the paper's
+#   LOCAL=1 recipe.sh          one CPU epoch of the same recipe on 64 fake 32 px images: checks that it starts
+
+DATA_PATH=${1:-${DATA_PATH:-$DEFAULT_DATA_PATH}}
+OUTPUT_DIR=${2:-${OUTPUT_DIR:-runs/$(basename "$0" .sh)}}
+EXTRA_FLAGS=("${@:3}")
+NPROC=${NPROC:-$PAPER_NPROC}
+MAIN=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/main.py
+
+launch() {
+    local global_batch=$1
+    shift
+    if [[ "${LOCAL:-0}" == 1 ]]; then  # later flags win in argparse: shrink the run, keep the recipe
+        "${PYTHON:-python}" "$MAIN" "$@" "${EXTRA_FLAGS[@]}" --data-set FAKE --fake-size 64 --batch-size 16 \
+            --input-size 32 --epochs 1 --warmup-epochs 0 --cooldown-epochs 0 --device cpu --num_workers 0 \
+            --output_dir ''
+        return
+    fi
+    if (( global_batch % NPROC != 0 )); then
+        echo "error: NPROC=$NPROC does not divide the global batch $global_batch; choose a divisor" >&2
+        exit 2
+    fi
+    echo "output dir: $OUTPUT_DIR"
+    torchrun --nproc_per_node="$NPROC" "$MAIN" "$@" --batch-size $((global_batch / NPROC)) \
+        --output_dir "$OUTPUT_DIR" "${EXTRA_FLAGS[@]}"
+}

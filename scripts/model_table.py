@@ -1,0 +1,137 @@
+"""Parameters and GMACs of every model with published figures, next to those figures, as a markdown table.
+
+    python scripts/model_table.py                     # every model in the families' PAPER_FIGURES
+    python scripts/model_table.py --model dhvt_tiny_patch4_32 --check
+
+Models are built on the meta device (no memory; the CPU only for ops without a meta kernel) and run once at
+their pretrained_cfg input size, batch 1, under torch.utils.flop_counter.FlopCounterMode. It counts 2 FLOPs
+per multiply-accumulate, while the papers' "GFLOPs" are multiply-accumulates: GMACs = FLOPs / 2 / 1e9.
+--check exits with 1 when a model is more than 3% off a published figure (and does not round to it either).
+"""
+import argparse
+import os
+import sys
+from typing import NamedTuple, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import dhvt  # noqa: E402
+import evit  # noqa: E402
+import localvit  # noqa: E402
+import models  # noqa: E402
+
+FAMILIES = (models, localvit, dhvt, evit)
+TOLERANCE = 0.03
+
+
+class Row(NamedTuple):
+    model: str
+    params: float  # millions
+    paper_params: float
+    gmacs: float
+    paper_gmacs: Optional[float]
+
+    @property
+    def params_diff(self):
+        return self.params / self.paper_params - 1
+
+    @property
+    def gmacs_diff(self):
+        return None if self.paper_gmacs is None else self.gmacs / self.paper_gmacs - 1
+
+    @property
+    def matches(self):
+        gmacs_match = self.paper_gmacs is None or _close(self.gmacs, self.paper_gmacs)
+        return _close(self.params, self.paper_params) and gmacs_match
+
+
+def _close(ours, paper):
+    """Within TOLERANCE, or equal at the paper's printed precision (0.39 GMACs is a match for a printed 0.4)."""
+    decimals = len(repr(float(paper)).partition('.')[2])
+    return abs(ours / paper - 1) <= TOLERANCE or round(ours, decimals) == paper
+
+
+def paper_figures():
+    """{model name: (params in millions, GMACs or None)} merged from every family module, in family order."""
+    merged = {}
+    for module in FAMILIES:
+        merged.update(getattr(module, 'PAPER_FIGURES', {}))
+    return merged
+
+
+def measure(name):
+    """(params in millions, GMACs) of timm model `name` at its pretrained_cfg input size, batch 1."""
+    input_size = _input_size(name)
+    try:
+        return _count(name, input_size, torch.device('meta'))
+    except (NotImplementedError, RuntimeError):  # an op without a meta kernel, or data-dependent shapes
+        return _count(name, input_size, torch.device('cpu'))
+
+
+def _input_size(name):
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise ValueError(f'{name} is not a timm model with a pretrained_cfg; check the name in PAPER_FIGURES')
+    return cfg.input_size
+
+
+def _count(name, input_size, device):
+    with device:
+        model = timm.create_model(name).eval()
+    params = sum(p.numel() for p in model.parameters())
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, *input_size, device=device))
+    return params / 1e6, counter.get_total_flops() / 2 / 1e9
+
+
+def table_rows(names=None):
+    """One Row per model: all with published figures, or the given names."""
+    figures = paper_figures()
+    unknown = sorted(set(names or ()) - set(figures))
+    if unknown:
+        raise ValueError(f'no published figures for {", ".join(unknown)}; choose from {", ".join(figures)}')
+    rows = []
+    for name in names or figures:
+        params, gmacs = measure(name)
+        paper_params, paper_gmacs = figures[name]
+        rows.append(Row(name, params, paper_params, gmacs, paper_gmacs))
+    return rows
+
+
+def markdown(rows):
+    lines = ['| model | params (M) ours | paper | GMACs ours | paper | diff % (params / GMACs) |',
+             '|---|---:|---:|---:|---:|---:|']
+    for r in rows:
+        paper_gmacs = '-' if r.paper_gmacs is None else f'{r.paper_gmacs:g}'
+        gmacs_diff = '-' if r.gmacs_diff is None else f'{100 * r.gmacs_diff:+.1f}'
+        lines.append(f'| {r.model} | {r.params:.2f} | {r.paper_params:g} | {r.gmacs:.2f} | {paper_gmacs} | '
+                     f'{100 * r.params_diff:+.1f} / {gmacs_diff} |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', action='append', help='only this model (repeatable); default: all with figures')
+    p.add_argument('--check', action='store_true', help=f'exit 1 when any model is more than '
+                                                        f'{TOLERANCE:.0%} off its paper')
+    args = p.parse_args(argv)
+    try:
+        rows = table_rows(args.model)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(markdown(rows))
+    off = [r.model for r in rows if not r.matches]
+    if args.check and off:
+        print(f'more than {TOLERANCE:.0%} off the paper: {", ".join(off)}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""DeiT's distillation end to end: the student's two tokens, the frozen teacher, the flags and their errors."""
+import os
+
+import pytest
+import timm
+import torch
+
+import losses
+import main
+import models  # noqa: F401
+from conftest import TINY, read_log, run_main
+from utils import UserError
+
+STUDENT = 'deit_micro_distilled_patch2_16'
+TEACHER = 'deit_micro_patch2_16'
+
+
+def args_for(*flags, model=STUDENT):
+    args = main.get_args_parser().parse_args(['--model', model, '--input-size', '8', *flags])
+    args.nb_classes = 10
+    return args
+
+
+@pytest.fixture(scope='module')
+def teacher_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
+    teacher = timm.create_model(TEACHER, num_classes=10, img_size=8)
+    torch.save({'model': teacher.state_dict()}, path)
+    return str(path)
+
+
+def test_gradients_reach_both_tokens_and_not_the_teacher(teacher_file):
+    args = args_for('--distillation-type', 'hard', '--teacher-model', TEACHER, '--teacher-path', teacher_file)
+    student = main.build_model(args)
+    criterion = main.build_criterion(args, student, False, torch.device('cpu'))
+    teacher_before = {k: v.clone() for k, v in criterion.teacher.state_dict().items()}
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    student.train()
+    images, targets = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        criterion(images, student(images), targets).backward()
+        for name in ('cls_token', 'dist_token', 'head.weight', 'head_dist.weight'):
+            grad = dict(student.named_parameters())[name].grad
+            assert grad is not None and grad.abs().sum() > 0, name
+        optimizer.step()
+    assert not criterion.teacher.training
+    assert all(not p.requires_grad for p in criterion.teacher.parameters())
+    for key, value in criterion.teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+
+
+def test_each_token_learns_from_its_own_target(teacher_file):
+    """alpha 1: only the distillation head is trained; alpha 0: only the class head."""
+    for alpha, trained, untouched in ((1.0, 'head_dist.weight', 'head.weight'), (0.0, 'head.weight', 'head_dist.weight')):
+        args = args_for('--distillation-type', 'soft', '--distillation-alpha', str(alpha),
+                        '--teacher-model', TEACHER, '--teacher-path', teacher_file)
+        student = main.build_model(args)
+        criterion = main.build_criterion(args, student, False, torch.device('cpu'))
+        student.train()
+        images = torch.randn(4, 3, 8, 8)
+        criterion(images, student(images), torch.randint(0, 10, (4,))).backward()
+        grads = dict(student.named_parameters())
+        assert grads[trained].grad.abs().sum() > 0
+        assert grads[untouched].grad is None or grads[untouched].grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize('flags, model, message', [
+    (['--distillation-type', 'hard', '--teacher-path', 'x.pth'], TEACHER, 'has no distillation token'),
+    (['--distillation-type', 'hard'], STUDENT, 'needs a teacher'),
+    (['--distillation-type', 'soft', '--teacher-path', 'missing.pth', '--teacher-model', TEACHER], STUDENT,
+     'does not exist'),
+    (['--distillation-type', 'soft', '--teacher-path', 'x.pth', '--finetune', 'y.pth'], STUDENT,
+     'fine-tuning with distillation'),
+    (['--distillation-type', 'soft', '--teacher-path', 'x.pth', '--teacher-model', 'no_such_net'], STUDENT,
+     'unknown --teacher-model'),
+])
+def test_distillation_misuse_is_a_user_error(flags, model, message):
+    args = args_for(*flags, model=model)
+    with pytest.raises(UserError, match=message):
+        main.build_criterion(args, main.build_model(args), False, torch.device('cpu'))
+
+
+def test_teacher_with_other_classes_is_refused(tmp_path):
+    path = tmp_path / 'teacher.pth'
+    torch.save({'model': timm.create_model(TEACHER, num_classes=7, img_size=8).state_dict()}, path)
+    with pytest.raises(UserError, match='predicts 7 classes but the data set has 10'):
+        losses.build_teacher(TEACHER, str(path), 10, 8, torch.device('cpu'))
+
+
+def test_distillation_run_on_digits(tmp_path):
+    """A teacher trained by main.py, then a student distilled from its checkpoint for 2 epochs."""
+    teacher_dir, student_dir = tmp_path / 'teacher', tmp_path / 'student'
+    result = run_main(TINY + ['--epochs', '1', '--output_dir', teacher_dir])
+    assert result.returncode == 0, result.stderr[-2000:]
+    teacher_bytes = (teacher_dir / 'checkpoint.pth').read_bytes()
+    result = run_main(TINY + ['--model', STUDENT, '--distillation-type', 'hard', '--teacher-model', TEACHER,
+                              '--teacher-path', teacher_dir / 'checkpoint.pth', '--output_dir', student_dir])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (teacher_dir / 'checkpoint.pth').read_bytes() == teacher_bytes
+    epochs = read_log(student_dir)[1]
+    assert [e['epoch'] for e in epochs] == [0, 1] and all(e['train_loss'] > 0 for e in epochs)
+    saved = torch.load(student_dir / 'checkpoint.pth', weights_only=True)
+    assert 'head_dist.weight' in saved['model'] and not any('teacher' in k for k in saved)
+    assert set(saved['model']) == set(timm.create_model(STUDENT, num_classes=10, img_size=8).state_dict())
