@@ -12,8 +12,8 @@ EPOCH_KEYS = {'train_lr', 'train_loss', 'test_loss', 'test_acc1', 'test_acc5', '
               'epoch_seconds', 'train_images_per_sec'}
 CHECKPOINT_KEYS = {'model', 'optimizer', 'lr_scheduler', 'epoch', 'args', 'class_names', 'max_accuracy', 'rng'}
 # Learns DIGITS in seconds. The small-image pipeline's +-1 px random crop of 8 px digits slows this tiny ViT a lot
-# (4 epochs at lr 2e-3 and batch 32 reach only 13-22%), so: batch 16, 6 epochs, no flips or repeated augmentation.
-LEARN = TINY + ['--batch-size', '16', '--epochs', '6', '--lr', '1e-3', '--unscale-lr', '--no-repeated-aug',
+# (4 epochs at lr 2e-3 and batch 32 reach only 13-22%), so: batch 16, 10 epochs, no flips or repeated augmentation.
+LEARN = TINY + ['--batch-size', '16', '--epochs', '10', '--lr', '1e-3', '--unscale-lr', '--no-repeated-aug',
                 '--hflip', '0', '--drop-path', '0', '--smoothing', '0']
 # Resume must be exact with every source of randomness on; a step schedule does not depend on --epochs,
 # so a 2-epoch run continued to 3 epochs has the same learning rates as a 3-epoch run.
@@ -100,7 +100,7 @@ def test_folder_outputs(image_folder, tmp_path):
 def test_learns_digits(learned):
     _, out = learned
     epochs = read_log(out)[1]
-    assert epochs[-1]['test_acc1'] > 20  # chance is 10% (1.6% std. dev. on 359 images); measured 27-28% over seeds
+    assert epochs[-1]['test_acc1'] > 20  # chance is 10% (1.6% std. dev. on 359 images); measured 30-32% over seeds 0-1
     assert epochs[-1]['test_loss'] < 2.2  # a uniform guess scores log(10) = 2.303
 
 
