@@ -23,7 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-__all__ = ['DHVT', 'DHVTDistilled', 'DHVT_SIZES', 'PAPER_FIGURES']
+__all__ = ['DHVT', 'DHVTDistilled', 'DHVT_SIZES', 'PAPER_FIGURES', 'ORIGINAL_CODE_GMACS']
 
 
 # ---------------------------------------------------------------- SOPE patch embedding
@@ -350,6 +350,8 @@ PAPER_FIGURES = {
     'dhvt_tiny_patch16_224': (6.2, 1.4),
     'dhvt_small_patch16_224': (23.8, 5.1),
 }
+# The paper's GFLOPs for patch 2 disagree with its own code; these are what that code computes (and we match).
+ORIGINAL_CODE_GMACS = {'dhvt_tiny_patch2_32': 1.71, 'dhvt_small_patch2_32': 6.20}
 
 
 def _cfg(size):
