@@ -1,27 +1,20 @@
 """Train and evaluate DeiT-style vision transformers: flags -> build everything -> epoch loop."""
 import argparse
-import ast
-import difflib
 import math
 import os
 import sys
-import time
 
 import torch
 from torch.utils.data import DataLoader
 
-import timm
 from timm.data import Mixup
-from timm.layers import resample_abs_pos_embed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 import engine
-import evit
 import localvit
-import losses
-import models  # noqa: F401 - registers our model families in timm
+import model_factory
 import utils
 from datasets import DATASETS, BadImageError, build_dataset, resolve_data_set
 from samplers import EvalSampler, RASampler, SeededDataset, collate_skipping_none
@@ -121,9 +114,9 @@ def get_args_parser():
 
     g = p.add_argument_group('token reorganisation (EViT models)')
     g.add_argument('--base_keep_rate', type=float, default=None,
-                   help='fraction of patch tokens kept at each keep layer (default: the model\'s, 0.7)')
+                   help="fraction of patch tokens kept at each keep layer; unset: the model's own (0.7)")
     g.add_argument('--fuse_token', action='store_true', help='fuse the dropped tokens into one extra token')
-    g.add_argument('--drop_loc', default=None, type=str, help="keep layers, e.g. '(3, 6, 9)' (default: the model's)")
+    g.add_argument('--drop_loc', default=None, type=str, help="keep layers, e.g. '(3, 6, 9)'; unset: the model's own")
     g.add_argument('--shrink_start_epoch', default=10, type=int, help='keep every token until this epoch')
     g.add_argument('--shrink_epochs', default=100, type=int,
                    help='epochs of cosine decay of the keep rate from 1 to --base_keep_rate (0: at once)')
@@ -204,125 +197,6 @@ def amp_dtype(args):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
 
 
-def model_options(args):
-    """Keyword arguments for the model factory from the family flags (--layer-scale, --localvit...)."""
-    options = {}
-    if args.layer_scale is not None:
-        options['init_values'] = args.layer_scale
-    if args.localvit:
-        if args.model.startswith('localvit_'):
-            raise UserError(f'--localvit turns a DeiT / ViT into the improved LocalViT; {args.model} already is a '
-                            'LocalViT: drop --localvit or pick a deit_* / vit_* model')
-        act = args.localvit_act or 'hs'
-        if act not in localvit.IMPROVED_LOCALVIT_ACTS:
-            raise UserError(f'--localvit-act {act} is not available with --localvit; '
-                            f'choose one of {", ".join(localvit.IMPROVED_LOCALVIT_ACTS)}')
-        prefix = 2 if 'distilled' in args.model else 1
-        options['mlp_layer'] = localvit.improved_local_mlp(act=act, num_prefix_tokens=prefix)
-    elif args.localvit_act is not None:
-        if not args.model.startswith('localvit_'):
-            raise UserError(f'--localvit-act applies to localvit_* models or with --localvit; {args.model} is neither')
-        options['act'] = args.localvit_act
-    options.update(evit_options(args))
-    return options
-
-
-def is_evit(name):
-    return timm.is_model(name) and timm.models.get_arch_name(name) in timm.list_models(module='evit')
-
-
-def evit_options(args):
-    given = {'keep_rate': args.base_keep_rate, 'fuse_token': args.fuse_token or None,
-             'drop_loc': parse_drop_loc(args.drop_loc)}
-    given = {k: v for k, v in given.items() if v is not None}
-    if given and not is_evit(args.model):
-        raise UserError(f'--base_keep_rate / --fuse_token / --drop_loc apply to EViT models; {args.model} is not one '
-                        '(try evit_small_patch16_224)')
-    return given
-
-
-def parse_drop_loc(text):
-    if text is None:
-        return None
-    try:
-        value = ast.literal_eval(text)
-        return tuple(int(i) for i in (value if isinstance(value, (tuple, list)) else (value,)))
-    except (ValueError, SyntaxError, TypeError) as e:
-        raise UserError(f"--drop_loc {text!r} is not a list of block indices; write it as '(3, 6, 9)'") from e
-
-
-def keep_rate_schedule(args, models_to_set, updates_per_epoch):
-    """EViT's per-step keep-rate warm-up for the model and its EMA; None for other models."""
-    if not is_evit(args.model):
-        return None
-    base = args.base_keep_rate or min(models_to_set[0].keep_rates)
-
-    def set_rate(step):
-        rate = evit.keep_rate_at(step, updates_per_epoch, base, args.shrink_start_epoch, args.shrink_epochs)
-        for m in models_to_set:
-            m.set_keep_rate(rate)
-    return set_rate
-
-
-def flag_names(options):
-    names = {'init_values': '--layer-scale', 'mlp_layer': '--localvit', 'act': '--localvit-act',
-             'keep_rate': '--base_keep_rate', 'fuse_token': '--fuse_token', 'drop_loc': '--drop_loc'}
-    return ' / '.join(names[k] for k in options)
-
-
-def build_model(args):
-    if not timm.is_model(args.model):
-        close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
-        hint = f'did you mean {", ".join(close)}?' if close else 'see timm.list_models() for the names'
-        raise UserError(f'unknown model {args.model}; {hint}')
-    options = model_options(args)
-    kwargs = dict(num_classes=args.nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path, **options)
-    native = timm.get_pretrained_cfg_value(args.model, 'input_size')
-    if native is not None and native[-1] != args.input_size:
-        kwargs['img_size'] = args.input_size
-    try:
-        model = timm.create_model(args.model, pretrained=False, **kwargs)
-    except TypeError as e:
-        if options and 'unexpected keyword' in str(e):
-            raise UserError(f'{args.model} does not support {flag_names(options)} ({e}); '
-                            'drop the flag or pick a ViT-family model') from e
-        raise UserError(f'model {args.model} cannot be built at --input-size {args.input_size} ({e}); '
-                        'pass a size the model supports') from e
-    except (AssertionError, ValueError) as e:
-        raise UserError(f'model {args.model} cannot be built at --input-size {args.input_size} ({e}); '
-                        'pass a size the model supports') from e
-    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
-    if patch is not None and args.input_size % patch[0]:
-        raise UserError(f'--input-size {args.input_size} is not a multiple of {args.model}\'s patch size '
-                        f'{patch[0]}; pass a multiple such as {args.input_size // patch[0] * patch[0] or patch[0]}')
-    return model
-
-
-def load_finetune_weights(model, path):
-    """Start from another run's weights: drop a head of another class count, resize the position embedding."""
-    state = utils.load_checkpoint(path)
-    state = state.get('model', state)
-    own = model.state_dict()
-    for key in [k for k in state if k.startswith(('head.', 'head_dist.'))]:
-        if key in own and state[key].shape != own[key].shape:
-            print(f'| finetune: dropping {key} {tuple(state[key].shape)} (model has {tuple(own[key].shape)})')
-            del state[key]
-    if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
-        prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens
-        new_grid = model.patch_embed.grid_size
-        old_tokens = state['pos_embed'].shape[1] - prefix
-        old_side = int(math.sqrt(old_tokens))
-        state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=list(new_grid),
-                                                    old_size=[old_side, old_side], num_prefix_tokens=prefix)
-        print(f'| finetune: position embedding {old_side}x{old_side} -> {new_grid[0]}x{new_grid[1]}')
-    result = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in result.unexpected_keys]
-    if unexpected:
-        raise UserError(f'--finetune {path} holds weights this model lacks ({unexpected[:3]}...); '
-                        f'is it a checkpoint of another model?')
-    print(f'| finetune: loaded {path}; newly initialised: {result.missing_keys}')
-
-
 def build_loaders(args, dataset_train, dataset_val):
     world, rank = utils.get_world_size(), utils.get_rank()
     sampler_train = RASampler(len(dataset_train), world, rank, shuffle=True,
@@ -398,23 +272,6 @@ def report_speed(args, model, device):
     if utils.is_main_process():
         print(f'| speed test: {speed:.1f} images/s ({args.model}, batch 64, {args.input_size} px, fp32, '
               f'{iters} timed iterations on {device.type})', flush=True)
-
-
-def build_criterion(args, model, mixup_active, device):
-    """The base criterion, wrapped in DeiT's distillation loss with its teacher when one is asked for."""
-    base = losses.build_base_criterion(mixup_active, args.smoothing, args.bce_loss)
-    if args.distillation_type == 'none':
-        return losses.DistillationLoss(base)
-    if args.finetune:
-        raise UserError('fine-tuning with distillation is not supported (as in DeiT); '
-                        'drop --finetune or set --distillation-type none')
-    if not hasattr(model, 'set_distilled_training'):
-        raise UserError(f'{args.model} has no distillation token for --distillation-type {args.distillation_type}; '
-                        'pick a *_distilled_* model, e.g. deit_small_distilled_patch16_224')
-    model.set_distilled_training(True)
-    teacher = losses.build_teacher(args.teacher_model, args.teacher_path, args.nb_classes, args.input_size, device)
-    return losses.DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha,
-                                   args.distillation_tau)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -552,9 +409,9 @@ def main(args):
     dataset_train, class_names = build_dataset(True, args)
     dataset_val, _ = build_dataset(False, args)
     args.nb_classes = len(class_names)
-    model = build_model(args)
+    model = model_factory.build_model(args)
     if args.finetune:
-        load_finetune_weights(model, args.finetune)
+        model_factory.load_finetune_weights(model, args.finetune)
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model_ema = None
@@ -572,9 +429,9 @@ def main(args):
         mixup_fn=build_mixup(args), model_ema=model_ema, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
         updates_per_epoch=n_updates, print_freq=args.print_freq, batch_size=args.batch_size,
         skip_nonfinite=args.skip_nonfinite, inject_nonfinite_at=args.inject_nonfinite)
-    train_state.before_update = keep_rate_schedule(args, [model] + ([model_ema.module] if model_ema else []),
-                                                   n_updates)
-    criterion = build_criterion(args, model, train_state.mixup_fn is not None, device)
+    train_state.before_update = model_factory.keep_rate_schedule(
+        args, [model] + ([model_ema.module] if model_ema else []), n_updates)
+    criterion = model_factory.build_criterion(args, model, train_state.mixup_fn is not None, device)
     if args.test_speed or args.only_test_speed:
         report_speed(args, model, device)
         if args.only_test_speed:
@@ -631,7 +488,7 @@ def main(args):
         stats = {'train_lr': train_stats['lr'], 'train_loss': train_stats['loss'],
                  'test_loss': test_stats['loss'], 'test_acc1': test_stats['acc1'], 'test_acc5': test_stats['acc5'],
                  'epoch': epoch, 'n_parameters': n_parameters}
-        if is_evit(args.model):
+        if model_factory.is_evit(args.model):
             stats['keep_rate'] = min(model.keep_rates)
         if model_ema is not None:
             ema_stats = engine.evaluate(loader_val, model_ema.module, prefix='EMA ', **eval_kwargs)

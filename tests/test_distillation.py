@@ -1,5 +1,4 @@
 """DeiT's distillation end to end: the student's two tokens, the frozen teacher, the flags and their errors."""
-import os
 
 import pytest
 import timm
@@ -7,6 +6,7 @@ import torch
 
 import losses
 import main
+import model_factory
 import models  # noqa: F401
 from conftest import TINY, read_log, run_main
 from utils import UserError
@@ -31,8 +31,8 @@ def teacher_file(tmp_path_factory):
 
 def test_gradients_reach_both_tokens_and_not_the_teacher(teacher_file):
     args = args_for('--distillation-type', 'hard', '--teacher-model', TEACHER, '--teacher-path', teacher_file)
-    student = main.build_model(args)
-    criterion = main.build_criterion(args, student, False, torch.device('cpu'))
+    student = model_factory.build_model(args)
+    criterion = model_factory.build_criterion(args, student, False, torch.device('cpu'))
     teacher_before = {k: v.clone() for k, v in criterion.teacher.state_dict().items()}
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
     student.train()
@@ -55,8 +55,8 @@ def test_each_token_learns_from_its_own_target(teacher_file):
     for alpha, trained, untouched in ((1.0, 'head_dist.weight', 'head.weight'), (0.0, 'head.weight', 'head_dist.weight')):
         args = args_for('--distillation-type', 'soft', '--distillation-alpha', str(alpha),
                         '--teacher-model', TEACHER, '--teacher-path', teacher_file)
-        student = main.build_model(args)
-        criterion = main.build_criterion(args, student, False, torch.device('cpu'))
+        student = model_factory.build_model(args)
+        criterion = model_factory.build_criterion(args, student, False, torch.device('cpu'))
         student.train()
         images = torch.randn(4, 3, 8, 8)
         criterion(images, student(images), torch.randint(0, 10, (4,))).backward()
@@ -78,7 +78,7 @@ def test_each_token_learns_from_its_own_target(teacher_file):
 def test_distillation_misuse_is_a_user_error(flags, model, message):
     args = args_for(*flags, model=model)
     with pytest.raises(UserError, match=message):
-        main.build_criterion(args, main.build_model(args), False, torch.device('cpu'))
+        model_factory.build_criterion(args, model_factory.build_model(args), False, torch.device('cpu'))
 
 
 def test_teacher_with_other_classes_is_refused(tmp_path):

@@ -4,13 +4,14 @@ import torch
 
 import localvit
 import main
+import model_factory
 from utils import UserError
 
 
 def build(*flags, model='deit_micro_patch2_16'):
     args = main.get_args_parser().parse_args(['--model', model, '--input-size', '16', *flags])
     args.nb_classes = 10
-    return main.build_model(args)
+    return model_factory.build_model(args)
 
 
 def test_layer_scale_sets_the_initial_gammas():
@@ -29,7 +30,7 @@ def test_localvit_puts_the_local_ffn_in_every_block():
 
 def test_localvit_counts_the_distillation_token():
     args = main.get_args_parser().parse_args(['--model', 'deit_tiny_distilled_patch16_224', '--localvit'])
-    assert main.model_options(args)['mlp_layer'].keywords['num_prefix_tokens'] == 2
+    assert model_factory.model_options(args)['mlp_layer'].keywords['num_prefix_tokens'] == 2
 
 
 def test_localvit_act_reaches_localvit_models():
@@ -66,9 +67,9 @@ def test_keep_rate_schedule_sets_model_and_ema():
     args = main.get_args_parser().parse_args(['--model', 'evit_micro_patch2_16', '--base_keep_rate', '0.5',
                                               '--shrink_start_epoch', '1', '--shrink_epochs', '2'])
     args.nb_classes = 10
-    model, ema = main.build_model(args), main.build_model(args)
-    set_rate = main.keep_rate_schedule(args, [model, ema], updates_per_epoch=4)
+    model, ema = model_factory.build_model(args), model_factory.build_model(args)
+    set_rate = model_factory.keep_rate_schedule(args, [model, ema], updates_per_epoch=4)
     for step, expected in ((0, 1.0), (3, 1.0), (8, 0.75), (12, 0.5), (40, 0.5)):
         set_rate(step)
         assert min(model.keep_rates) == min(ema.keep_rates) == pytest.approx(expected)
-    assert main.keep_rate_schedule(main.get_args_parser().parse_args([]), [model], 4) is None
+    assert model_factory.keep_rate_schedule(main.get_args_parser().parse_args([]), [model], 4) is None

@@ -1,0 +1,151 @@
+"""From flags to the model: family options (--layer-scale, --localvit, EViT), fine-tuning weights, EViT's keep-rate
+schedule, and the training criterion with its distillation teacher."""
+import ast
+import difflib
+import math
+
+import timm
+from timm.layers import resample_abs_pos_embed
+
+import evit
+import localvit
+import losses
+import models  # noqa: F401 - registers our model families in timm
+import utils
+from utils import UserError
+
+
+def model_options(args):
+    """Keyword arguments for the model factory from the family flags (--layer-scale, --localvit...)."""
+    options = {}
+    if args.layer_scale is not None:
+        options['init_values'] = args.layer_scale
+    if args.localvit:
+        if args.model.startswith('localvit_'):
+            raise UserError(f'--localvit turns a DeiT / ViT into the improved LocalViT; {args.model} already is a '
+                            'LocalViT: drop --localvit or pick a deit_* / vit_* model')
+        act = args.localvit_act or 'hs'
+        if act not in localvit.IMPROVED_LOCALVIT_ACTS:
+            raise UserError(f'--localvit-act {act} is not available with --localvit; '
+                            f'choose one of {", ".join(localvit.IMPROVED_LOCALVIT_ACTS)}')
+        prefix = 2 if 'distilled' in args.model else 1
+        options['mlp_layer'] = localvit.improved_local_mlp(act=act, num_prefix_tokens=prefix)
+    elif args.localvit_act is not None:
+        if not args.model.startswith('localvit_'):
+            raise UserError(f'--localvit-act applies to localvit_* models or with --localvit; {args.model} is neither')
+        options['act'] = args.localvit_act
+    options.update(evit_options(args))
+    return options
+
+
+def is_evit(name):
+    return timm.is_model(name) and timm.models.get_arch_name(name) in timm.list_models(module='evit')
+
+
+def evit_options(args):
+    given = {'keep_rate': args.base_keep_rate, 'fuse_token': args.fuse_token or None,
+             'drop_loc': parse_drop_loc(args.drop_loc)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and not is_evit(args.model):
+        raise UserError(f'--base_keep_rate / --fuse_token / --drop_loc apply to EViT models; {args.model} is not one '
+                        '(try evit_small_patch16_224)')
+    return given
+
+
+def parse_drop_loc(text):
+    if text is None:
+        return None
+    try:
+        value = ast.literal_eval(text)
+        return tuple(int(i) for i in (value if isinstance(value, (tuple, list)) else (value,)))
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise UserError(f"--drop_loc {text!r} is not a list of block indices; write it as '(3, 6, 9)'") from e
+
+
+def keep_rate_schedule(args, models_to_set, updates_per_epoch):
+    """EViT's per-step keep-rate warm-up for the model and its EMA; None for other models."""
+    if not is_evit(args.model):
+        return None
+    base = args.base_keep_rate or min(models_to_set[0].keep_rates)
+
+    def set_rate(step):
+        rate = evit.keep_rate_at(step, updates_per_epoch, base, args.shrink_start_epoch, args.shrink_epochs)
+        for m in models_to_set:
+            m.set_keep_rate(rate)
+    return set_rate
+
+
+def flag_names(options):
+    names = {'init_values': '--layer-scale', 'mlp_layer': '--localvit', 'act': '--localvit-act',
+             'keep_rate': '--base_keep_rate', 'fuse_token': '--fuse_token', 'drop_loc': '--drop_loc'}
+    return ' / '.join(names[k] for k in options)
+
+
+def build_model(args):
+    if not timm.is_model(args.model):
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
+        hint = f'did you mean {", ".join(close)}?' if close else 'see timm.list_models() for the names'
+        raise UserError(f'unknown model {args.model}; {hint}')
+    options = model_options(args)
+    kwargs = dict(num_classes=args.nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path, **options)
+    native = timm.get_pretrained_cfg_value(args.model, 'input_size')
+    if native is not None and native[-1] != args.input_size:
+        kwargs['img_size'] = args.input_size
+    try:
+        model = timm.create_model(args.model, pretrained=False, **kwargs)
+    except TypeError as e:
+        if options and 'unexpected keyword' in str(e):
+            raise UserError(f'{args.model} does not support {flag_names(options)} ({e}); '
+                            'drop the flag or pick a ViT-family model') from e
+        raise UserError(f'model {args.model} cannot be built at --input-size {args.input_size} ({e}); '
+                        'pass a size the model supports') from e
+    except (AssertionError, ValueError) as e:
+        raise UserError(f'model {args.model} cannot be built at --input-size {args.input_size} ({e}); '
+                        'pass a size the model supports') from e
+    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+    if patch is not None and args.input_size % patch[0]:
+        raise UserError(f'--input-size {args.input_size} is not a multiple of {args.model}\'s patch size '
+                        f'{patch[0]}; pass a multiple such as {args.input_size // patch[0] * patch[0] or patch[0]}')
+    return model
+
+
+def load_finetune_weights(model, path):
+    """Start from another run's weights: drop a head of another class count, resize the position embedding."""
+    state = utils.load_checkpoint(path)
+    state = state.get('model', state)
+    own = model.state_dict()
+    for key in [k for k in state if k.startswith(('head.', 'head_dist.'))]:
+        if key in own and state[key].shape != own[key].shape:
+            print(f'| finetune: dropping {key} {tuple(state[key].shape)} (model has {tuple(own[key].shape)})')
+            del state[key]
+    if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
+        prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens
+        new_grid = model.patch_embed.grid_size
+        old_tokens = state['pos_embed'].shape[1] - prefix
+        old_side = int(math.sqrt(old_tokens))
+        state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=list(new_grid),
+                                                    old_size=[old_side, old_side], num_prefix_tokens=prefix)
+        print(f'| finetune: position embedding {old_side}x{old_side} -> {new_grid[0]}x{new_grid[1]}')
+    result = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in result.unexpected_keys]
+    if unexpected:
+        raise UserError(f'--finetune {path} holds weights this model lacks ({unexpected[:3]}...); '
+                        f'is it a checkpoint of another model?')
+    print(f'| finetune: loaded {path}; newly initialised: {result.missing_keys}')
+
+
+def build_criterion(args, model, mixup_active, device):
+    """The base criterion, wrapped in DeiT's distillation loss with its teacher when one is asked for."""
+    base = losses.build_base_criterion(mixup_active, args.smoothing, args.bce_loss)
+    if args.distillation_type == 'none':
+        return losses.DistillationLoss(base)
+    if args.finetune:
+        raise UserError('fine-tuning with distillation is not supported (as in DeiT); '
+                        'drop --finetune or set --distillation-type none')
+    if not hasattr(model, 'set_distilled_training'):
+        raise UserError(f'{args.model} has no distillation token for --distillation-type {args.distillation_type}; '
+                        'pick a *_distilled_* model, e.g. deit_small_distilled_patch16_224')
+    model.set_distilled_training(True)
+    teacher = losses.build_teacher(args.teacher_model, args.teacher_path, args.nb_classes, args.input_size, device)
+    return losses.DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha,
+                                   args.distillation_tau)
