@@ -123,6 +123,10 @@ def get_args_parser():
     g.add_argument('--test_speed', action='store_true', help='print inference img/s (batch 64) before training')
     g.add_argument('--only_test_speed', action='store_true', help='print inference img/s and exit')
 
+    g.add_argument('--visualize_mask', action='store_true',
+                   help='EViT: after evaluation, write pictures of the kept / fused patches to output_dir/masks')
+    g.add_argument('--n_visualization', default=128, type=int, help='how many validation images to draw')
+
     g = p.add_argument_group('distillation (DeiT)')
     g.add_argument('--teacher-model', default='regnety_160', type=str, metavar='NAME',
                    help='timm name of the teacher')
@@ -145,6 +149,8 @@ def get_args_parser():
     g.add_argument('--inat-category', default='name',
                    choices=['kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'])
     g.add_argument('--download', action='store_true', help='let CIFAR10/100 download when missing')
+    g.add_argument('--use-lmdb', action='store_true',
+                   help='IMNET / FOLDER: --data-path is an LMDB written by scripts/folder2lmdb.py')
     g.add_argument('--skip-bad-images', action='store_true',
                    help='skip unreadable image files (counted in the log) instead of stopping')
     g.add_argument('--fake-size', default=1280, type=int, help='FAKE: training images (val gets a fifth)')
