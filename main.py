@@ -15,8 +15,10 @@ from timm.utils import ModelEmaV3
 import engine
 import localvit
 import model_factory
+import schedules
 import utils
-from datasets import DATASETS, BadImageError, build_dataset, resolve_data_set
+import visualize
+from datasets import DATASETS, BadImageError, build_dataset, build_transform, resolve_data_set
 from samplers import EvalSampler, RASampler, SeededDataset, collate_skipping_none
 from utils import UserError
 
@@ -42,6 +44,23 @@ def get_args_parser():
                    help='skip up to N steps whose loss is NaN / inf before stopping (default: stop at the first)')
     g.add_argument('--inject-nonfinite', default=-1, type=int, metavar='STEP',
                    help='fault injection for testing the guard: make the loss NaN at this global update')
+
+    g = p.add_argument_group('training on a budget, multi-size training (the 24-hour paper)')
+    g.add_argument('--time-budget', type=float, default=None, metavar='HOURS',
+                   help='end the run at this wall-clock budget, final evaluation and checkpoint included; the LR '
+                        'and size schedules follow the elapsed fraction of it (--epochs then only sets proportions)')
+    g.add_argument('--no-warmup', action='store_true', help='same as --warmup-epochs 0')
+    g.add_argument('--is-multisize', action='store_true',
+                   help='train at --init-size, growing by 16 x --patch-step px every --epoch-step epochs')
+    g.add_argument('--init-size', type=int, default=32, help='first size of --is-multisize')
+    g.add_argument('--epoch-step', type=int, default=5, help='epochs per size of --is-multisize')
+    g.add_argument('--patch-step', type=int, default=2, help='growth of --is-multisize, in 16 px steps')
+    g.add_argument('--size-schedule', default='', metavar='START:SIZE,...',
+                   help="training sizes by epoch ('0:32,5:64') or by fraction of the run ('0:32,0.5:64')")
+    g.add_argument('--eval-on-final-size', action='store_true',
+                   help='multi-size: evaluate at --input-size (default: at the current training size)')
+    g.add_argument('--multisize-batch', action='store_true',
+                   help='multi-size: scale the batch with (input-size / size)^2, the same pixels per batch')
 
     g = p.add_argument_group('model')
     g.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='NAME',
@@ -203,30 +222,56 @@ def amp_dtype(args):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
 
 
-def build_loaders(args, dataset_train, dataset_val):
-    world, rank = utils.get_world_size(), utils.get_rank()
-    sampler_train = RASampler(len(dataset_train), world, rank, shuffle=True,
-                              num_repeats=3 if args.repeated_aug else 1, seed=args.seed)
-    eval_share = EvalSampler(len(dataset_val), world if args.dist_eval else 1, rank if args.dist_eval else 0)
-    common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith('cuda'),
-                  persistent_workers=args.num_workers > 0, collate_fn=collate_skipping_none)
+def loader_options(args):
+    options = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith('cuda'),
+                   persistent_workers=args.num_workers > 0, collate_fn=collate_skipping_none)
     if args.num_workers > 0:
-        common['prefetch_factor'] = 4
-    skip = (BadImageError,) if args.skip_bad_images else ()
-    loader_train = DataLoader(SeededDataset(dataset_train, skip), sampler=sampler_train, batch_size=args.batch_size,
-                              drop_last=True, generator=torch.Generator().manual_seed(args.seed), **common)
-    loader_val = DataLoader(SeededDataset(dataset_val, skip), sampler=eval_share,
-                            batch_size=int(1.5 * args.batch_size), drop_last=False, **common)
-    return loader_train, loader_val
+        options['prefetch_factor'] = 4
+    return options
 
 
-def updates_per_epoch(args, num_train_items):
+def skipped_errors(args):
+    return (BadImageError,) if args.skip_bad_images else ()
+
+
+def build_train_loader(args, dataset_train, batch_size):
+    sampler = RASampler(len(dataset_train), utils.get_world_size(), utils.get_rank(), shuffle=True,
+                        num_repeats=3 if args.repeated_aug else 1, seed=args.seed)
+    return DataLoader(SeededDataset(dataset_train, skipped_errors(args)), sampler=sampler, batch_size=batch_size,
+                      drop_last=True, generator=torch.Generator().manual_seed(args.seed), **loader_options(args))
+
+
+def build_val_loader(args, dataset_val):
+    world, rank = (utils.get_world_size(), utils.get_rank()) if args.dist_eval else (1, 0)
+    return DataLoader(SeededDataset(dataset_val, skipped_errors(args)), sampler=EvalSampler(len(dataset_val), world, rank),
+                      batch_size=int(1.5 * args.batch_size), drop_last=False, **loader_options(args))
+
+
+def train_size_schedule(args):
+    """The resolution schedule of a multi-size run (--size-schedule or --is-multisize), else None."""
+    if args.size_schedule:
+        try:
+            return schedules.parse_size_schedule(args.size_schedule)
+        except ValueError as e:
+            raise UserError(f'--size-schedule {args.size_schedule!r}: {e}; write e.g. 0:32,5:64,10:128') from e
+    if args.is_multisize:
+        return schedules.paper_multisize_schedule(args.init_size, args.epoch_step, args.patch_step, args.input_size)
+    return None
+
+
+def at_size(args, size):
+    """A copy of args with another --input-size, for the transforms of one multi-size stage."""
+    return argparse.Namespace(**dict(vars(args), input_size=size))
+
+
+def updates_per_epoch(args, num_train_items, batch_size=None):
+    batch_size = batch_size or args.batch_size
     world = utils.get_world_size()
     per_rank = math.ceil(num_train_items / world)
-    updates = per_rank // args.batch_size // args.accum_iter
+    updates = per_rank // batch_size // args.accum_iter
     if updates < 1:
         raise UserError(f'the training set has {num_train_items} images, fewer than one update needs '
-                        f'({args.batch_size} x {world} ranks x {args.accum_iter} accum-iter); '
+                        f'({batch_size} x {world} ranks x {args.accum_iter} accum-iter); '
                         'lower --batch-size or --accum-iter')
     return updates
 
@@ -318,12 +363,15 @@ def load_model_state(model, state, path):
 
 
 def resume(args, path, model, train_state, model_ema):
-    """Restore everything a checkpoint holds; returns (start_epoch, start_step, max_accuracy, epoch_metrics)."""
+    """Restore everything a checkpoint holds.
+
+    Returns (start_epoch, start_step, max_accuracy, epoch_metrics, elapsed_seconds of the run clock).
+    """
     ckpt = utils.load_checkpoint(path)
     load_model_state(model, ckpt.get('model', ckpt), path)
     if args.eval or 'optimizer' not in ckpt:
         print(f'| loaded weights from {path}')
-        return args.start_epoch, 0, 0.0, None
+        return args.start_epoch, 0, 0.0, None, 0.0
     train_state.optimizer.load_state_dict(ckpt['optimizer'])
     # The LR is a function of the update count and this run's flags, so the saved scheduler state is kept for
     # the record but not restored: a resume with a longer --epochs stretches the schedule to the new length.
@@ -336,14 +384,15 @@ def resume(args, path, model, train_state, model_ema):
     epoch, step = ckpt['epoch'] + 1, ckpt.get('step_in_epoch', 0)
     print(f'| resumed from {path} at epoch {epoch}, step {step}')
     metrics = ckpt.get('epoch_metrics') if utils.is_main_process() else None
-    return epoch, step, ckpt.get('max_accuracy', 0.0), metrics
+    return epoch, step, ckpt.get('max_accuracy', 0.0), metrics, ckpt.get('elapsed_seconds', 0.0)
 
 
 class CheckpointWriter:
     """Builds checkpoint dicts and writes them (rank 0 only), honouring --on-save-error."""
 
-    def __init__(self, args, model, train_state, model_ema, class_names):
+    def __init__(self, args, model, train_state, model_ema, class_names, clock):
         self.args, self.model, self.state, self.ema, self.class_names = args, model, train_state, model_ema, class_names
+        self.clock = clock
 
     def build(self, epoch, step_in_epoch, max_accuracy, epoch_metrics=None):
         """epoch: the last completed epoch (DeiT's meaning); step_in_epoch: updates done in epoch + 1."""
@@ -351,6 +400,7 @@ class CheckpointWriter:
                 'lr_scheduler': self.state.lr_scheduler.state_dict(), 'scaler': self.state.scaler.state_dict(),
                 'epoch': epoch, 'step_in_epoch': step_in_epoch, 'max_accuracy': max_accuracy,
                 'epoch_metrics': epoch_metrics or {}, 'rng': utils.get_rng_state(),
+                'elapsed_seconds': self.clock.elapsed(),
                 'args': dict(vars(self.args)), 'class_names': list(self.class_names)}
         if self.ema is not None:
             ckpt['model_ema'] = self.ema.module.state_dict()
@@ -370,13 +420,31 @@ class CheckpointWriter:
                 print(f'| warning: {message}', flush=True)
 
 
-def make_after_update(args, writer, stop_signal, n_updates, device, max_accuracy):
-    """Checkpoint every --save-every updates, and on SIGTERM / SIGUSR1 (then stop the epoch)."""
+def agreed(flags, device):
+    """Each flag True on every rank when it is True on any rank."""
+    if not utils.is_dist_avail_and_initialized():
+        return list(flags)
+    return [v > 0 for v in utils.all_reduce_sum([1.0 if f else 0.0 for f in flags], device)]
+
+
+def make_after_update(args, writer, stop_signal, budget, train_state, device, max_accuracy, last, eval_images):
+    """Checkpoint every --save-every updates, on SIGTERM / SIGUSR1 and when the time budget runs out inside an
+    epoch; then stop the epoch. `last` keeps where the epoch stopped, for the final checkpoint of a budget."""
+    speed = {}  # the clock starts after the first update, which also pays for start-up
+
     def after_update(epoch, done, metrics):
-        stop = stop_signal.agreed(device)
-        if stop or (args.save_every > 0 and done % args.save_every == 0 and done < n_updates):
-            epoch_metrics = metrics.synchronized_state(device)
-            writer.write(writer.build(epoch - 1, done, max_accuracy[0], epoch_metrics), CHECKPOINT)
+        if budget is not None and speed:
+            speed['updates'] += 1
+            images = speed['updates'] * train_state.batch_size * args.accum_iter * utils.get_world_size()
+            budget.note_training_speed(speed['timer'].elapsed() / images, eval_images)
+        speed.setdefault('timer', utils.Timer())
+        speed.setdefault('updates', 0)
+        out_of_time = budget is not None and budget.over() and done < train_state.updates_per_epoch
+        signalled, out_of_time = agreed([stop_signal.requested, out_of_time], device)
+        stop = signalled or out_of_time
+        if stop or (args.save_every > 0 and done % args.save_every == 0 and done < train_state.updates_per_epoch):
+            last.update(done=done, metrics=metrics.synchronized_state(device), signalled=signalled)
+            writer.write(writer.build(epoch - 1, done, max_accuracy[0], last['metrics']), CHECKPOINT)
         return stop
     return after_update
 
@@ -425,7 +493,10 @@ def main(args):
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
 
-    loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
+    if args.no_warmup:
+        args.warmup_epochs = 0
+    sizes = train_size_schedule(args)
+    loader_val = build_val_loader(args, dataset_val)
     n_updates = updates_per_epoch(args, len(dataset_train))
     scale_lr(args)
     optimizer = build_optimizer(args, model, device)
@@ -444,10 +515,10 @@ def main(args):
             return
 
     resume_path = find_resume(args)
-    start_step, max_accuracy, start_metrics = 0, 0.0, None
+    start_step, max_accuracy, start_metrics, elapsed = 0, 0.0, None, 0.0
     if resume_path:
-        args.start_epoch, start_step, max_accuracy, start_metrics = resume(args, resume_path, model, train_state,
-                                                                          model_ema)
+        args.start_epoch, start_step, max_accuracy, start_metrics, elapsed = resume(
+            args, resume_path, model, train_state, model_ema)
 
     train_model = model
     if args.distributed:
@@ -459,60 +530,114 @@ def main(args):
     eval_kwargs = dict(device=device, amp_dtype=amp_dtype(args), distributed=args.distributed and args.dist_eval)
     if args.eval:
         engine.evaluate(loader_val, model, **eval_kwargs)
+        if args.visualize_mask:
+            visualize.save_keep_masks(model, dataset_val, args.output_dir, args.n_visualization, device, class_names)
         return
 
     if args.output_dir and utils.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
         utils.remove_stale_temp_files(args.output_dir)
     tb_writer = start_log(args, resume_path)
-    checkpoints = CheckpointWriter(args, model, train_state, model_ema, class_names)
-    best = [max_accuracy]  # shared with the mid-epoch saver
+    clock = schedules.Clock(offset=elapsed)
+    budget = schedules.Budget(args.time_budget, clock) if args.time_budget else None
+    epoch_progress = schedules.EpochProgress(args.epochs)
+    if budget is not None or args.multisize_batch:
+        progress = (lambda _: budget.progress()) if budget is not None else epoch_progress
+        train_state.lr_scheduler = schedules.ProgressLR(train_state.lr_scheduler, args.epochs * n_updates, progress)
+    checkpoints = CheckpointWriter(args, model, train_state, model_ema, class_names, clock)
+    best, last = [max_accuracy], {}  # shared with the mid-epoch saver
     stop_signal = utils.StopSignal()
-    train_state.after_update = make_after_update(args, checkpoints, stop_signal, n_updates, device, best)
+    train_state.after_update = make_after_update(args, checkpoints, stop_signal, budget, train_state, device, best,
+                                                 last, len(dataset_val) * (2 if model_ema else 1))
     if utils.is_main_process():
+        plan = f'{args.time_budget} h budget' if budget else f'{n_updates} updates per epoch'
         print(f'| {args.model}: {n_parameters / 1e6:.2f}M parameters, {len(dataset_train)} train / '
-              f'{len(dataset_val)} val images, {args.nb_classes} classes, {n_updates} updates per epoch, '
+              f'{len(dataset_val)} val images, {args.nb_classes} classes, {plan}, '
               f'lr {args.lr:.3e}, amp {args.amp}', flush=True)
 
-    run_timer = utils.Timer()
-    if args.start_epoch >= args.epochs:
+    finished = budget.over() if budget is not None else args.start_epoch >= args.epochs
+    if finished:
         if utils.is_main_process():
-            print(f'| nothing left to train: the checkpoint finished epoch {args.start_epoch - 1} of {args.epochs}')
+            print(f'| nothing left to train: the checkpoint finished epoch {args.start_epoch - 1} '
+                  f'({utils.format_seconds(clock.elapsed())} of training)')
         engine.evaluate(loader_val, model, **eval_kwargs)
-    for epoch in range(args.start_epoch, args.epochs):
+        return
+    stage, loader_train, epoch = None, None, args.start_epoch
+    while budget is not None or epoch < args.epochs:
         epoch_timer = utils.Timer()
-        loader_train.sampler.set_epoch(epoch, start=start_step * args.batch_size * args.accum_iter)
+        size = sizes.size_at(epoch, budget.progress() if budget else epoch / args.epochs) if sizes else args.input_size
+        batch = schedules.batch_for_size(args.batch_size, size, sizes.final_size) if args.multisize_batch \
+            and sizes else args.batch_size
+        eval_size = size if sizes and not args.eval_on_final_size else args.input_size
+        if (size, batch, eval_size) != stage:
+            loader_train, loader_val = enter_stage(args, dataset_train, dataset_val, (size, batch, eval_size), stage,
+                                                   loader_val)
+            train_state.updates_per_epoch = updates_per_epoch(args, len(dataset_train), batch)
+            train_state.batch_size, stage = batch, (size, batch, eval_size)
+        epoch_progress.start_epoch(epoch, train_state.updates_per_epoch, epoch * train_state.updates_per_epoch)
+        loader_train.sampler.set_epoch(epoch, start=start_step * batch * args.accum_iter)
         train_stats, stopped = engine.train_one_epoch(train_model, criterion, loader_train, device, epoch,
                                                       train_state, start_step=start_step, start_metrics=start_metrics)
-        if stopped:
+        if stopped and last.get('signalled'):
             if utils.is_main_process():
                 print(f'| stopped by signal in epoch {epoch}; checkpoint saved, run the same command to resume',
                       flush=True)
             return
-        start_step, start_metrics = 0, None
-        test_stats = engine.evaluate(loader_val, model, **eval_kwargs)
-        stats = {'train_lr': train_stats['lr'], 'train_loss': train_stats['loss'],
-                 'test_loss': test_stats['loss'], 'test_acc1': test_stats['acc1'], 'test_acc5': test_stats['acc5'],
-                 'epoch': epoch, 'n_parameters': n_parameters}
-        if model_factory.is_evit(args.model):
-            stats['keep_rate'] = min(model.keep_rates)
-        if model_ema is not None:
-            ema_stats = engine.evaluate(loader_val, model_ema.module, prefix='EMA ', **eval_kwargs)
-            stats['test_ema_acc1'] = ema_stats['acc1']
-        is_best = test_stats['acc1'] > best[0]
-        best[0] = max_accuracy = max(best[0], test_stats['acc1'])
-        ckpt = checkpoints.build(epoch, 0, max_accuracy)
-        checkpoints.write(ckpt, CHECKPOINT, *([BEST_CHECKPOINT] if is_best else []))
-        stats.update(max_accuracy=max_accuracy, epoch_seconds=epoch_timer.elapsed(),
-                     elapsed_seconds=run_timer.elapsed(), train_images_per_sec=train_stats['images_per_sec'],
+        finish_timer = utils.Timer()
+        stats = evaluate_and_save(args, model, model_ema, loader_val, eval_kwargs, checkpoints, best, epoch,
+                                  last if stopped else None)
+        stats.update(train_lr=train_stats['lr'], train_loss=train_stats['loss'], n_parameters=n_parameters,
+                     epoch_seconds=epoch_timer.elapsed(), elapsed_seconds=clock.elapsed(),
+                     train_images_per_sec=train_stats['images_per_sec'], train_size=size, batch_size=batch,
                      skipped_nonfinite=int(train_stats['skipped_nonfinite']),
                      skipped_images=int(train_stats['skipped_images']))
-        if utils.is_main_process():
-            print(f'| epoch {epoch}: acc1 {test_stats["acc1"]:.2f}% (max {max_accuracy:.2f}%), '
-                  f'{stats["epoch_seconds"]:.1f}s', flush=True)
+        if model_factory.is_evit(args.model):
+            stats['keep_rate'] = min(model.keep_rates)
         log_epoch(args, tb_writer, stats)
+        if budget is not None:
+            budget.note_finish_cost(finish_timer.elapsed())
+            if stopped or budget.over():
+                break
+        start_step, start_metrics, epoch = 0, None, epoch + 1
     if utils.is_main_process():
-        print(f'| training time {utils.format_seconds(run_timer.elapsed())}; max accuracy {max_accuracy:.2f}%')
+        print(f'| training time {utils.format_seconds(clock.elapsed())}; max accuracy {best[0]:.2f}%')
+    if args.visualize_mask:
+        visualize.save_keep_masks(model, dataset_val, args.output_dir, args.n_visualization, device, class_names)
+
+
+def enter_stage(args, dataset_train, dataset_val, stage, previous, loader_val):
+    """Loaders for a (train size, batch, eval size) stage: the one stage of a plain run, or a multi-size step."""
+    size, batch, eval_size = stage
+    dataset_train.transform = build_transform(True, at_size(args, size))
+    if previous is None or eval_size != previous[2]:
+        dataset_val.transform = build_transform(False, at_size(args, eval_size))
+        loader_val = build_val_loader(args, dataset_val)
+    if utils.is_main_process() and (size, batch) != (args.input_size, args.batch_size):
+        print(f'| training at {size} px, batch {batch}; evaluating at {eval_size} px', flush=True)
+    return build_train_loader(args, dataset_train, batch), loader_val
+
+
+def evaluate_and_save(args, model, model_ema, loader_val, eval_kwargs, checkpoints, best, epoch, stopped_at):
+    """Evaluate after an epoch (or where a budget stopped it: `stopped_at` holds the updates done) and checkpoint.
+
+    Returns the epoch's log entries so far."""
+    test_stats = engine.evaluate(loader_val, model, **eval_kwargs)
+    stats = {'test_loss': test_stats['loss'], 'test_acc1': test_stats['acc1'], 'test_acc5': test_stats['acc5'],
+             'epoch': epoch}
+    if model_ema is not None:
+        stats['test_ema_acc1'] = engine.evaluate(loader_val, model_ema.module, prefix='EMA ', **eval_kwargs)['acc1']
+    is_best = test_stats['acc1'] > best[0]
+    best[0] = max(best[0], test_stats['acc1'])
+    if stopped_at:
+        ckpt = checkpoints.build(epoch - 1, stopped_at['done'], best[0], stopped_at['metrics'])
+        stats['updates_done'] = stopped_at['done']
+    else:
+        ckpt = checkpoints.build(epoch, 0, best[0])
+    checkpoints.write(ckpt, CHECKPOINT, *([BEST_CHECKPOINT] if is_best else []))
+    stats['max_accuracy'] = best[0]
+    if utils.is_main_process():
+        print(f'| epoch {epoch}: acc1 {test_stats["acc1"]:.2f}% (max {best[0]:.2f}%)', flush=True)
+    return stats
 
 
 def one_line(error):

@@ -35,6 +35,8 @@ def model_options(args):
             raise UserError(f'--localvit-act applies to localvit_* models or with --localvit; {args.model} is neither')
         options['act'] = args.localvit_act
     options.update(evit_options(args))
+    if args.is_multisize or args.size_schedule:
+        options['dynamic_img_size'] = True  # one position embedding, interpolated to each training size
     return options
 
 
@@ -77,8 +79,19 @@ def keep_rate_schedule(args, models_to_set, updates_per_epoch):
 
 def flag_names(options):
     names = {'init_values': '--layer-scale', 'mlp_layer': '--localvit', 'act': '--localvit-act',
-             'keep_rate': '--base_keep_rate', 'fuse_token': '--fuse_token', 'drop_loc': '--drop_loc'}
+             'keep_rate': '--base_keep_rate', 'fuse_token': '--fuse_token', 'drop_loc': '--drop_loc',
+             'dynamic_img_size': '--is-multisize / --size-schedule'}
     return ' / '.join(names[k] for k in options)
+
+
+def _create(name, kwargs):
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        if 'dynamic_img_size' not in str(e):
+            raise
+        # models without position embeddings (DHVT) take every size as they are
+        return timm.create_model(name, pretrained=False, **{k: v for k, v in kwargs.items() if k != 'dynamic_img_size'})
 
 
 def build_model(args):
@@ -92,7 +105,7 @@ def build_model(args):
     if native is not None and native[-1] != args.input_size:
         kwargs['img_size'] = args.input_size
     try:
-        model = timm.create_model(args.model, pretrained=False, **kwargs)
+        model = _create(args.model, kwargs)
     except TypeError as e:
         if options and 'unexpected keyword' in str(e):
             raise UserError(f'{args.model} does not support {flag_names(options)} ({e}); '

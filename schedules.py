@@ -1,0 +1,120 @@
+"""Schedules that are not the learning rate's own: the run clock, time budgets and multi-size training.
+
+A run's progress is a number in [0, 1]: updates done / updates planned for an epoch-based run, or training seconds
+/ budgeted seconds with --time-budget. The learning rate (timm's scheduler, built in updates) and the resolution
+schedule are both functions of it, so a budgeted run anneals to --min-lr exactly at its deadline.
+"""
+import math
+import time
+
+
+class Clock:
+    """Seconds of run time, continued across resumes: checkpoints store elapsed() and pass it back as offset."""
+
+    def __init__(self, offset=0.0):
+        self.offset, self.start = offset, time.monotonic()
+
+    def elapsed(self):
+        return self.offset + time.monotonic() - self.start
+
+
+class Budget:
+    """A deadline for the whole run, evaluation and checkpoints included.
+
+    Training stops early enough for the final evaluation and checkpoint to end by the deadline: `reserve` seconds
+    are kept for them. Until one evaluation + checkpoint has been timed, the reserve is estimated from the training
+    speed (an evaluated image costs about a third of a trained one; we keep half); then it is 1.25x the time taken.
+    """
+
+    def __init__(self, hours, clock):
+        self.seconds, self.clock = hours * 3600.0, clock
+        self.reserve, self.measured = 0.05 * self.seconds, False
+
+    def note_training_speed(self, seconds_per_image, eval_images):
+        if not self.measured:
+            self._set_reserve(0.5 * seconds_per_image * eval_images)
+
+    def note_finish_cost(self, seconds):
+        self.measured = True
+        self._set_reserve(1.25 * seconds)
+
+    def _set_reserve(self, seconds):
+        self.reserve = min(max(seconds, 0.01 * self.seconds), 0.5 * self.seconds)
+
+    def progress(self):
+        return min(self.clock.elapsed() / (self.seconds - self.reserve), 1.0)
+
+    def over(self):
+        return self.progress() >= 1.0
+
+
+class EpochProgress:
+    """Progress of an epoch-based run whose epochs may have different numbers of updates (--multisize-batch)."""
+
+    def __init__(self, epochs):
+        self.epochs, self.epoch, self.updates_in_epoch, self.first_update = epochs, 0, 1, 0
+
+    def start_epoch(self, epoch, updates_in_epoch, first_global_update):
+        self.epoch, self.updates_in_epoch, self.first_update = epoch, updates_in_epoch, first_global_update
+
+    def __call__(self, global_update):
+        return (self.epoch + (global_update - self.first_update) / self.updates_in_epoch) / self.epochs
+
+
+class ProgressLR:
+    """Steps a timm scheduler built for `total_updates` at progress(global update) x total_updates."""
+
+    def __init__(self, scheduler, total_updates, progress):
+        self.scheduler, self.total_updates, self.progress = scheduler, total_updates, progress
+
+    def step_update(self, num_updates):
+        self.scheduler.step_update(round(min(self.progress(num_updates), 1.0) * self.total_updates))
+
+    def state_dict(self):
+        return self.scheduler.state_dict()
+
+
+class SizeSchedule:
+    """Training resolution by stage: [(start, size), ...] with starts in epochs (ints) or run fractions (floats)."""
+
+    def __init__(self, steps, by_fraction):
+        self.steps, self.by_fraction = sorted(steps), by_fraction
+
+    def size_at(self, epoch, progress):
+        at = progress if self.by_fraction else epoch
+        return [size for start, size in self.steps if start <= at + 1e-9][-1]
+
+    @property
+    def final_size(self):
+        return self.steps[-1][1]
+
+
+def parse_size_schedule(text):
+    """'0:32,5:64,10:128' (epochs) or '0:32,0.3:64,0.6:128' (fractions of the run) -> SizeSchedule."""
+    steps, fractions = [], False
+    for part in text.split(','):
+        start, sep, size = part.strip().partition(':')
+        if not sep or not size.strip().isdigit():
+            raise ValueError(f'size-schedule step {part.strip()!r} is not START:SIZE')
+        fractions |= '.' in start
+        steps.append((float(start) if '.' in start else int(start), int(size)))
+    if not steps or min(start for start, _ in steps) != 0:
+        raise ValueError('the size schedule must have a step that starts at 0')
+    if fractions and any(not 0 <= start < 1 for start, _ in steps):
+        raise ValueError('fraction starts must lie in [0, 1)')
+    return SizeSchedule(steps, fractions)
+
+
+def paper_multisize_schedule(init_size, epoch_step, patch_step, final_size):
+    """The 24-hour paper's schedule: init_size at epoch 0, then + 16 x patch_step px every epoch_step epochs,
+    never past final_size (32, 64, ..., 224 for 32 / 5 / 2 / 224: 224 from epoch 30)."""
+    steps, size, epoch = [], init_size, 0
+    while size <= final_size:
+        steps.append((epoch, size))
+        size, epoch = size + 16 * patch_step, epoch + epoch_step
+    return SizeSchedule(steps or [(0, final_size)], by_fraction=False)
+
+
+def batch_for_size(batch_size, size, final_size):
+    """--multisize-batch: the same pixels per batch at every size (batch x (final / size)^2, rounded down)."""
+    return max(1, math.floor(batch_size * (final_size / size) ** 2))
