@@ -1,4 +1,5 @@
 """build_dataset(): the datasets behind --data-set; build_transform(): DeiT, 3-Augment and small-image pipelines."""
+import io
 import json
 import os
 
@@ -25,6 +26,8 @@ def resolve_data_set(args):
 
 def build_dataset(is_train, args):
     """Return (dataset, class_names) for the split; class indices are positions in class_names."""
+    if args.use_lmdb and args.data_set not in ('IMNET', 'FOLDER'):
+        raise UserError(f'--use-lmdb reads IMNET / FOLDER data from an LMDB, not {args.data_set}; drop --use-lmdb')
     transform = build_transform(is_train, args)
     builder = {'IMNET': _image_folder, 'FOLDER': _image_folder, 'CIFAR10': _cifar, 'CIFAR100': _cifar,
                'INAT18': _inat, 'INAT19': _inat, 'LIST': _list, 'DIGITS': _digits, 'FAKE': _fake}[args.data_set]
@@ -45,10 +48,13 @@ class BadImageError(UserError):
     """An image file that cannot be decoded."""
 
 
-def load_rgb(path):
-    """Open any common image as 8-bit RGB: grayscale, palette, CMYK, 16-bit and alpha images are converted."""
+def load_rgb(path, data=None):
+    """Open any common image as 8-bit RGB: grayscale, palette, CMYK, 16-bit and alpha images are converted.
+
+    data: the file's bytes when they were read elsewhere (an LMDB); `path` then only names the image in errors.
+    """
     try:
-        with open(path, 'rb') as f:
+        with (open(path, 'rb') if data is None else io.BytesIO(data)) as f:
             img = Image.open(f)
             img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -67,6 +73,10 @@ def load_rgb(path):
 
 
 def _image_folder(is_train, args, transform):
+    if args.use_lmdb:
+        from lmdb_dataset import LMDBDataset  # imported here: only --use-lmdb needs the lmdb package
+        dataset = LMDBDataset(args.data_path, 'train' if is_train else 'val', transform)
+        return dataset, dataset.classes
     root = _require_folder(args.data_path, '--data-path', 'a folder holding train/ and val/ class folders')
     split = os.path.join(root, 'train' if is_train else 'val')
     _require_folder(split, f'{args.data_set} split', 'a train/ and a val/ folder with one sub-folder per class')
