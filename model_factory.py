@@ -48,6 +48,9 @@ def evit_options(args):
     given = {'keep_rate': args.base_keep_rate, 'fuse_token': args.fuse_token or None,
              'drop_loc': parse_drop_loc(args.drop_loc)}
     given = {k: v for k, v in given.items() if v is not None}
+    if args.visualize_mask and not (is_evit(args.model) and args.output_dir):
+        raise UserError('--visualize_mask draws the keep masks of an EViT model into --output_dir; '
+                        'use an evit_* model and pass --output_dir')
     if given and not is_evit(args.model):
         raise UserError(f'--base_keep_rate / --fuse_token / --drop_loc apply to EViT models; {args.model} is not one '
                         '(try evit_small_patch16_224)')
