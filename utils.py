@@ -3,6 +3,7 @@ import datetime
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -37,9 +38,12 @@ def is_main_process():
 
 
 def launcher_from_env(env):
-    """Which launcher started us, from the environment alone: 'torchrun', 'slurm' or 'single'."""
+    """Which launcher started us, from the environment alone: 'submitit', 'torchrun', 'slurm' or 'single'.
+
+    run_with_submitit.py exports torchrun's variables from the submitit job, so both take the same path.
+    """
     if 'RANK' in env and 'WORLD_SIZE' in env:
-        return 'torchrun'
+        return 'submitit' if 'SUBMITIT_EXECUTOR' in env else 'torchrun'
     if 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
         return 'slurm'
     return 'single'
@@ -52,12 +56,12 @@ def init_distributed_mode(args, env=None):
     """
     env = os.environ if env is None else env
     launcher = launcher_from_env(env)
-    if launcher == 'torchrun':
+    if launcher in ('torchrun', 'submitit'):
         args.rank, args.world_size = int(env['RANK']), int(env['WORLD_SIZE'])
         args.gpu = int(env.get('LOCAL_RANK', 0))
     elif launcher == 'slurm':
         args.rank, args.world_size = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
-        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+        args.gpu = int(env.get('SLURM_LOCALID', args.rank % max(torch.cuda.device_count(), 1)))
         env.setdefault('MASTER_ADDR', _slurm_master_addr(env))
         env.setdefault('MASTER_PORT', '29500')
     else:
@@ -84,7 +88,13 @@ def _slurm_master_addr(env):
         out = subprocess.check_output(['scontrol', 'show', 'hostnames', nodelist], text=True)
         return out.split()[0]
     except (OSError, subprocess.CalledProcessError):
-        return nodelist.split(',')[0]
+        return first_host(nodelist)
+
+
+def first_host(nodelist):
+    """The first host of a Slurm node list: 'gpu[003-005,007],cpu1' -> 'gpu003'."""
+    match = re.match(r'([^,\[]+)(?:\[([^,\]-]+))?', nodelist)
+    return match.group(1) + (match.group(2) or '')
 
 
 def all_reduce_sum(values, device):
