@@ -1,0 +1,73 @@
+"""scripts/bench.py: our training loop against a plain timm loop, on the CPU with the test-size model."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, write_image_folder
+
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import bench  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, 'scripts', 'bench.py')
+KEYS = {'model', 'input_size', 'batch_size', 'device', 'amp', 'compile', 'ours_img_s', 'plain_img_s', 'ratio',
+        'flops_per_image', 'peak_flops', 'mfu', 'peak_memory_mb'}
+TINY = ['--model', 'deit_micro_patch2_16', '--input-size', '16', '--batch-size', '8', '--device', 'cpu',
+        '--steps', '3', '--warmup', '1', '--repeats', '2', '--num-classes', '10', '--matmul-size', '128']
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, SCRIPT, *TINY, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+def forward_flops_micro_16():
+    """deit_micro_patch2_16 at 16 px, 10 classes, counted by hand: 64 patches + CLS, width 48, depth 2."""
+    tokens, dim, depth, patches = 65, 48, 2, 64
+    block = tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim + 2 * tokens * dim * 4 * dim
+    return 2 * (patches * (3 * 2 * 2) * dim + depth * block + dim * 10)
+
+
+def test_last_line_is_json_with_every_figure(tmp_path):
+    folder = write_image_folder(str(tmp_path / 'images'))
+    result = run_bench('--data-folder', folder, '--workers', '0,1')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert not any(line.startswith('Epoch:') for line in lines)  # the engine's progress lines stay quiet
+    figures = json.loads(lines[-1])
+    assert KEYS <= set(figures)
+    assert figures['model'] == 'deit_micro_patch2_16' and figures['batch_size'] == 8
+    assert figures['amp'] == 'none' and figures['compile'] is False and figures['device'] == 'cpu'
+    assert figures['ours_img_s'] > 0 and figures['plain_img_s'] > 0
+    assert figures['ratio'] == pytest.approx(figures['ours_img_s'] / figures['plain_img_s'])
+    assert len(figures['ours_runs']) == len(figures['plain_runs']) == 2
+    assert figures['peak_flops'] > 0 and figures['peak_memory_mb'] > 0
+    assert figures['mfu'] == pytest.approx(figures['flops_per_image'] * figures['ours_img_s'] / figures['peak_flops'])
+    assert set(figures['loader_img_s']) == {'0', '1'} and min(figures['loader_img_s'].values()) > 0
+
+
+def test_training_flops_are_about_three_forwards():
+    model = bench.timm.create_model('deit_micro_patch2_16', num_classes=10)
+    flops = bench.training_flops_per_image(model, 16, torch.device('cpu'))
+    assert 2.9 < flops / forward_flops_micro_16() < 3.1
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_ours_uses_main_builders_and_fp16_only_scales():
+    args = bench.parse_args(TINY + ['--amp', 'bf16'])
+    ours = bench.OursLoop(args, torch.device('cpu'))
+    assert ours.state.amp_dtype == torch.bfloat16 and not ours.state.scaler.is_enabled()
+    assert ours.state.mixup_fn is None and ours.state.model_ema is None
+    assert len(ours.state.optimizer.param_groups) == 2  # timm's factory: no weight decay on norms and biases
+    batches = bench.synthetic_batches(2, 8, 16, 10, torch.device('cpu'))
+    before = [p.detach().clone() for p in ours.model.parameters()]
+    ours.run(batches)
+    assert any(not torch.equal(a, b) for a, b in zip(before, ours.model.parameters()))
+
+
+def test_bad_workers_list_is_a_usage_error():
+    result = run_bench('--workers', 'two')
+    assert result.returncode == 2 and 'comma-separated list of worker counts' in result.stderr
