@@ -35,3 +35,13 @@ def test_two_ranks_match_one_process(tmp_path):
     headers, epochs = read_log(two)
     assert len(headers) == 1 and [e['epoch'] for e in epochs] == [0, 1]
     assert len(os.listdir(two / 'tb')) == 1
+
+
+def test_multi_node_style_rendezvous(tmp_path):
+    """torchrun's c10d rendezvous, as multi-node runs start (one node here): the ranks meet and train."""
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
+                '--rdzv_backend=c10d', f'--rdzv_endpoint=127.0.0.1:{free_port()}']
+    result = run_main(COMMON + ['--batch-size', '16', '--epochs', '1', '--output_dir', tmp_path], launcher=launcher)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert 'launcher: torchrun (world size 2, backend gloo' in result.stdout
+    assert [e['epoch'] for e in read_log(tmp_path)[1]] == [0]
