@@ -42,7 +42,7 @@ def test_no_dead_flag():
 
 def test_parser_lines_are_excluded():
     source = project_source_without_parser()
-    assert 'def get_args_parser' not in source
+    assert "add_argument('--batch-size'" not in source
     assert 'args.batch_size' in source
 
 
