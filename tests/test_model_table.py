@@ -58,8 +58,8 @@ def test_check_fails_on_a_model_off_its_figures(monkeypatch, capsys):
 
 def test_script_prints_a_row_for_every_model_with_figures():
     """The whole table, on whatever families exist: it runs, and the DeiT rows hold our counts."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'model_table.py'), '--check'], capture_output=True,
-                            text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'model_table.py'), '--check'],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith('| model | params (M) ours | paper | GMACs ours | paper | diff %')
