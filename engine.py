@@ -33,6 +33,8 @@ class TrainState:
     inject_nonfinite_at: int = -1            # fault injection for tests: make this global update's loss NaN
     after_update: Optional[Callable] = None  # (epoch, updates_done_in_epoch, metrics) -> True to stop
     before_update: Optional[Callable] = None  # (global update) -> None: per-step model schedules (EViT keep rate)
+    train_mode: bool = True                  # False: fine-tune in eval mode (no dropout / drop path, frozen BN)
+    cosub: bool = False                      # DeiT's co-training: the model sees each batch twice
 
 
 def autocast(device, amp_dtype):
@@ -51,7 +53,7 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
 
     Returns the averaged metrics and whether after_update asked to stop early.
     """
-    model.train()
+    model.train(state.train_mode)
     optimizer, accum = state.optimizer, state.accum_iter
     metrics = utils.MetricLogger()
     metrics.load_state_dict(start_metrics or {})
@@ -73,6 +75,9 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
         targets = targets.to(device, non_blocking=True)
         if state.mixup_fn is not None:
             samples, targets = state.mixup_fn(samples, targets)
+        batch_size = samples.shape[0]
+        if state.cosub:  # two stochastic-depth submodels, one per half of the doubled batch
+            samples = torch.cat([samples, samples])
 
         is_last_micro = micro == accum - 1
         # Inner micro-steps of an accumulation skip DDP's gradient all-reduce.
@@ -93,9 +98,9 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
                 print(f'| skipping non-finite loss {loss_value} at epoch {epoch}, step {update}', flush=True)
                 continue
             state.scaler.scale(loss / accum).backward()
-        metrics.update(loss=loss_value, n=samples.shape[0])
-        metrics.update(n=0, skipped_images=state.batch_size - samples.shape[0])
-        window_images += samples.shape[0]
+        metrics.update(loss=loss_value, n=batch_size)
+        metrics.update(n=0, skipped_images=state.batch_size - batch_size)
+        window_images += batch_size
         if not is_last_micro:
             continue
 

@@ -14,7 +14,7 @@ dependencies = ['torch', 'timm']
 
 # timm records the name of the module that registered each model; 'deit' is timm's own DeiT / DeiT III module,
 # whose cfgs point at the facebookresearch/deit weights.
-_MODULES = ('models', 'localvit', 'dhvt', 'evit', 'deit')
+_MODULES = ('models', 'localvit', 'dhvt', 'evit', 'patchconvnet', 'deit')
 
 
 def _create(name, pretrained, checkpoint_path, kwargs):

@@ -56,6 +56,34 @@ class DistillationLoss(torch.nn.Module):
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
 
 
+class CosubLoss(torch.nn.Module):
+    """DeiT's co-training of two submodels (Cosub): the model ran on the batch twice (outputs of the doubled batch,
+    first half and second half) with independent stochastic depth; each half learns from the targets and from
+    the other half's detached sigmoid predictions, four binary cross-entropies weighted 1/4 each.
+
+    Targets are class indices (one-hot, with label smoothing as timm's Mixup applies it) or mixup's soft
+    targets; `binarize` makes every class present in a mix a positive, as with DeiT's --bce-loss."""
+
+    def __init__(self, num_classes, smoothing=0.0, binarize=False):
+        super().__init__()
+        self.num_classes, self.smoothing, self.binarize = num_classes, smoothing, binarize
+
+    def dense_targets(self, targets, dtype):
+        if targets.dim() == 1:
+            off = self.smoothing / self.num_classes
+            targets = torch.nn.functional.one_hot(targets, self.num_classes).to(dtype) * (1 - self.smoothing) + off
+        if self.binarize:
+            targets = targets.gt(0.0).to(dtype)
+        return targets
+
+    def forward(self, inputs, outputs, targets):
+        first, second = outputs.float().chunk(2)
+        targets = self.dense_targets(targets, first.dtype)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        return 0.25 * (bce(first, targets) + bce(second, targets)
+                       + bce(first, second.detach().sigmoid()) + bce(second, first.detach().sigmoid()))
+
+
 def build_teacher(name, path, num_classes, input_size, device):
     """A frozen teacher in eval mode: timm model `name` with the weights in `path` (file, URL or .safetensors)."""
     if not path:

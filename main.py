@@ -40,6 +40,8 @@ def get_args_parser():
     g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
                    help='autocast precision; auto = bf16 on CUDA, none on CPU')
     g.add_argument('--compile', action='store_true', help='torch.compile the training model')
+    g.add_argument('--cosub', action='store_true',
+                   help="DeiT's Cosub: co-train two stochastic-depth submodels of the model on each batch (BCE)")
     g.add_argument('--skip-nonfinite', default=0, type=int, metavar='N',
                    help='skip up to N steps whose loss is NaN / inf before stopping (default: stop at the first)')
     g.add_argument('--inject-nonfinite', default=-1, type=int, metavar='STEP',
@@ -70,6 +72,10 @@ def get_args_parser():
     g.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='stochastic depth rate')
     g.add_argument('--layer-scale', type=float, default=None, metavar='INIT',
                    help='LayerScale with this initial value (e.g. 1e-5), for ViT-family models')
+    g.add_argument('--constant-drop-path', action='store_true',
+                   help='the same --drop-path rate in every block (DeiT III) instead of a linear increase')
+    g.add_argument('--patch-embed', default='patch', choices=['patch', 'hmlp'],
+                   help="ViT patch embedding: timm's linear patchify, or 3Things' hierarchical-MLP stem")
     g.add_argument('--localvit', action='store_true',
                    help="the 24-hour paper's improved LocalViT: a DeiT / ViT with a depth-wise conv in each FFN")
     g.add_argument('--localvit-act', default=None, choices=localvit.LOCALVIT_ACTS,
@@ -157,6 +163,12 @@ def get_args_parser():
     g = p.add_argument_group('fine-tuning')
     g.add_argument('--finetune', default='', help='checkpoint to start from; head and position embedding '
                    'are adapted to this run')
+    g.add_argument('--attn-only', action='store_true',
+                   help="3Things: train only the attention weights, position embedding and classifier")
+    g.add_argument('--train-mode', action='store_true', help='train in train mode (default)')
+    g.add_argument('--no-train-mode', action='store_false', dest='train_mode',
+                   help='train in eval mode: no dropout or drop path, BatchNorm statistics frozen (DeiT)')
+    p.set_defaults(train_mode=True)
 
     g = p.add_argument_group('data')
     g.add_argument('--data-path', default=None, type=str, help='dataset root')
@@ -486,6 +498,8 @@ def main(args):
     model = model_factory.build_model(args)
     if args.finetune:
         model_factory.load_finetune_weights(model, args.finetune)
+    if args.attn_only:
+        model_factory.attention_only(model, args.model)
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model_ema = None
@@ -505,7 +519,8 @@ def main(args):
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'), amp_dtype=amp_dtype(args),
         mixup_fn=build_mixup(args), model_ema=model_ema, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
         updates_per_epoch=n_updates, print_freq=args.print_freq, batch_size=args.batch_size,
-        skip_nonfinite=args.skip_nonfinite, inject_nonfinite_at=args.inject_nonfinite)
+        skip_nonfinite=args.skip_nonfinite, inject_nonfinite_at=args.inject_nonfinite, train_mode=args.train_mode,
+        cosub=args.cosub)
     train_state.before_update = model_factory.keep_rate_schedule(
         args, [model] + ([model_ema.module] if model_ema else []), n_updates)
     criterion = model_factory.build_criterion(args, model, train_state.mixup_fn is not None, device)

@@ -5,12 +5,12 @@ import difflib
 import math
 
 import timm
-from timm.layers import resample_abs_pos_embed
+from timm.layers import DropPath, resample_abs_pos_embed
 
 import evit
 import localvit
 import losses
-import models  # noqa: F401 - registers our model families in timm
+import models  # registers our model families in timm
 import utils
 from utils import UserError
 
@@ -34,6 +34,8 @@ def model_options(args):
         if not args.model.startswith('localvit_'):
             raise UserError(f'--localvit-act applies to localvit_* models or with --localvit; {args.model} is neither')
         options['act'] = args.localvit_act
+    if args.patch_embed == 'hmlp':
+        options['embed_layer'] = models.HMLPPatchEmbed
     options.update(evit_options(args))
     if args.is_multisize or args.size_schedule:
         options['dynamic_img_size'] = True  # one position embedding, interpolated to each training size
@@ -83,18 +85,22 @@ def keep_rate_schedule(args, models_to_set, updates_per_epoch):
 def flag_names(options):
     names = {'init_values': '--layer-scale', 'mlp_layer': '--localvit', 'act': '--localvit-act',
              'keep_rate': '--base_keep_rate', 'fuse_token': '--fuse_token', 'drop_loc': '--drop_loc',
-             'dynamic_img_size': '--is-multisize / --size-schedule'}
+             'dynamic_img_size': '--is-multisize / --size-schedule', 'embed_layer': '--patch-embed hmlp'}
     return ' / '.join(names[k] for k in options)
+
+
+SIZE_OPTIONS = ('dynamic_img_size', 'img_size')  # what models that take any input size (convnets, DHVT) lack
 
 
 def _create(name, kwargs):
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
-        if 'dynamic_img_size' not in str(e):
+        unsupported = [k for k in SIZE_OPTIONS if k in kwargs and f"'{k}'" in str(e)]
+        if not unsupported:
             raise
-        # models without position embeddings (DHVT) take every size as they are
-        return timm.create_model(name, pretrained=False, **{k: v for k, v in kwargs.items() if k != 'dynamic_img_size'})
+        # models without position embeddings or a fixed grid take every size as they are
+        return _create(name, {k: v for k, v in kwargs.items() if k not in unsupported})
 
 
 def build_model(args):
@@ -115,6 +121,8 @@ def build_model(args):
                             'drop the flag or pick a ViT-family model') from e
         raise UserError(f'model {args.model} cannot be built at --input-size {args.input_size} ({e}); '
                         'pass a size the model supports') from e
+    except models.StemPatchSizeError as e:
+        raise UserError(f'--patch-embed hmlp with {args.model}: {e}; pick a model with patch 16, 8 or 4') from e
     except (AssertionError, ValueError) as e:
         raise UserError(f'model {args.model} cannot be built at --input-size {args.input_size} ({e}); '
                         'pass a size the model supports') from e
@@ -122,7 +130,34 @@ def build_model(args):
     if patch is not None and args.input_size % patch[0]:
         raise UserError(f'--input-size {args.input_size} is not a multiple of {args.model}\'s patch size '
                         f'{patch[0]}; pass a multiple such as {args.input_size // patch[0] * patch[0] or patch[0]}')
+    if args.constant_drop_path and args.drop_path > 0:
+        constant_drop_path(model, args.drop_path, args.model)
     return model
+
+
+def constant_drop_path(model, rate, name):
+    """The same stochastic-depth rate in every block (DeiT III, PatchConvnet) instead of timm's linear increase.
+
+    A branch gets drop path where the family puts it: where the last block has a DropPath under that name."""
+    blocks = list(getattr(model, 'blocks', ()))
+    slots = [k for k, m in blocks[-1].named_children() if isinstance(m, DropPath)] if blocks else []
+    if not slots:
+        raise UserError(f'--constant-drop-path: {name} has no blocks with drop path; drop the flag or pick a '
+                        'ViT-family model')
+    for block in blocks:
+        for slot in slots:
+            setattr(block, slot, DropPath(rate))
+
+
+def attention_only(model, name):
+    """3Things' attention-only fine-tuning, frozen as DeiT freezes: only the attention weights, the position
+    embedding and the classifier(s) keep requires_grad; all else, the patch embedding included, is frozen."""
+    if not any('.attn.' in n for n, _ in model.named_parameters()):
+        raise UserError(f'--attn-only: {name} has no attention blocks (no parameter under blocks.*.attn); '
+                        'drop the flag or pick a ViT-family model')
+    heads = ('head.', 'head_dist.')
+    for param_name, param in model.named_parameters():
+        param.requires_grad_('.attn.' in param_name or param_name.startswith(heads) or param_name == 'pos_embed')
 
 
 def load_finetune_weights(model, path):
@@ -152,6 +187,8 @@ def load_finetune_weights(model, path):
 
 def build_criterion(args, model, mixup_active, device):
     """The base criterion, wrapped in DeiT's distillation loss with its teacher when one is asked for."""
+    if args.cosub:
+        return cosub_criterion(args)
     base = losses.build_base_criterion(mixup_active, args.smoothing, args.bce_loss)
     if args.distillation_type == 'none':
         return losses.DistillationLoss(base)
@@ -165,3 +202,17 @@ def build_criterion(args, model, mixup_active, device):
     teacher = losses.build_teacher(args.teacher_model, args.teacher_path, args.nb_classes, args.input_size, device)
     return losses.DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha,
                                    args.distillation_tau)
+
+
+def cosub_criterion(args):
+    """DeiT's co-training loss; the two submodels differ only by their stochastic-depth draws."""
+    if args.distillation_type != 'none':
+        raise UserError('--cosub replaces the loss (as in DeiT) and takes no teacher; '
+                        'drop --cosub or set --distillation-type none')
+    if args.drop_path <= 0:
+        raise UserError('--cosub co-trains two stochastic-depth submodels and needs --drop-path > 0 '
+                        '(DeiT uses 0.05-0.5)')
+    if not args.train_mode:
+        raise UserError('--cosub needs stochastic depth, which --no-train-mode switches off; drop one of the two')
+    return losses.CosubLoss(args.nb_classes, smoothing=0.0 if args.bce_loss else args.smoothing,
+                            binarize=args.bce_loss)

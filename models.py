@@ -5,13 +5,16 @@ inputs (DIGITS). They are timm VisionTransformers, so every timm feature (dynami
 no_weight_decay) applies unchanged; the distilled sizes are timm's VisionTransformerDistilled (DeiT's
 distillation token and head).
 """
+import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import PatchEmbed
 from timm.models import (VisionTransformer, VisionTransformerDistilled, build_model_with_cfg, generate_default_cfgs,
                          register_model)
 
 import dhvt  # noqa: F401 - each family module registers its models in timm on import
 import evit  # noqa: F401
 import localvit  # noqa: F401
+import patchconvnet  # noqa: F401
 
 # timm's DeiTs as published: name -> (params in millions, GMACs at 224 px); scripts/model_table.py checks them
 PAPER_FIGURES = {
@@ -95,3 +98,42 @@ def deit_tiny_distilled_patch2_16(pretrained=False, **kwargs):
 @register_model
 def deit_micro_distilled_patch2_16(pretrained=False, **kwargs):
     return _small_deit('deit_micro_distilled_patch2_16', pretrained, **kwargs)
+
+
+# ---------------------------------------------------------------- the hMLP stem ("Three things everyone should know")
+
+class StemPatchSizeError(ValueError):
+    pass
+
+
+def hmlp_strides(patch_size):
+    """Strides of the hMLP stem's three convolutions: 16 -> (4, 2, 2), 8 -> (2, 2, 2), 4 -> (1, 2, 2)."""
+    if patch_size % 4 or patch_size < 4:
+        raise StemPatchSizeError(f'the hMLP stem needs a patch size that is a multiple of 4 (got {patch_size})')
+    return patch_size // 4, 2, 2
+
+
+class HMLPPatchEmbed(PatchEmbed):
+    """timm's PatchEmbed with the hierarchical-MLP stem as its projection: conv (k = s) -> norm -> GELU ->
+    conv 2x2 stride 2 -> norm -> GELU -> conv 2x2 stride 2 -> norm. Kernels equal strides, so every patch is
+    processed on its own (as a patchifying linear layer would be), which keeps the stem compatible with masking.
+    BatchNorm as in the paper; in training mode it shares statistics over the batch, in eval mode it does not.
+
+    Pass it to any timm VisionTransformer: timm.create_model('deit_small_patch16_224', embed_layer=HMLPPatchEmbed).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, **kwargs):
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                         bias=bias, **kwargs)
+        first, second, third = hmlp_strides(self.patch_size[0])
+        hidden = embed_dim // 4
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, hidden, kernel_size=first, stride=first), nn.BatchNorm2d(hidden), nn.GELU(),
+            nn.Conv2d(hidden, hidden, kernel_size=second, stride=second), nn.BatchNorm2d(hidden), nn.GELU(),
+            nn.Conv2d(hidden, embed_dim, kernel_size=third, stride=third, bias=bias), nn.BatchNorm2d(embed_dim))
+
+    def set_input_size(self, img_size=None, patch_size=None):
+        if patch_size is not None and tuple(patch_size if isinstance(patch_size, tuple) else (patch_size,) * 2) \
+                != self.patch_size:
+            raise ValueError('the hMLP stem cannot change its patch size after it is built')
+        super().set_input_size(img_size=img_size)

@@ -23,8 +23,9 @@ import dhvt  # noqa: E402
 import evit  # noqa: E402
 import localvit  # noqa: E402
 import models  # noqa: E402
+import patchconvnet  # noqa: E402
 
-FAMILIES = (models, localvit, dhvt, evit)
+FAMILIES = (models, localvit, dhvt, evit, patchconvnet)
 TOLERANCE = 0.03
 
 

@@ -11,6 +11,9 @@ Forward hooks on each block's attention module recompute softmax(q k^T * scale) 
 so fused-attention models run unchanged. Works for timm VisionTransformers, the small DeiTs, LocalViT, EViT
 (dropped tokens get no attention; a fused token's share goes to the patches it merged) and DHVT (its head
 tokens are left out and the rows renormalized).
+
+PatchConvnet has no attention in its convolutional trunk: its panels are the aggregation layer's class attention
+over the patches (for the multi-class-token S60_multi, the maps of the four top-scoring classes' tokens).
 """
 import argparse
 import math
@@ -134,6 +137,15 @@ def token_origins(selections):
     return origins
 
 
+def aggregation_maps(model, x, class_names=None):
+    """PatchConvnet's class attention for one image x (1, 3, H, W): [(title, (h, w) map)]."""
+    maps = model.eval().class_attention_map(x)[0]  # (class tokens, h, w)
+    if maps.shape[0] == 1:
+        return [('class attention', maps[0])]
+    top = model(x)[0].topk(min(4, maps.shape[0])).indices.tolist()
+    return [(f'{class_names[c] if class_names else c} token', maps[c]) for c in top]
+
+
 def attention_maps(model, x):
     """For one image x (1, 3, H, W): ([(title, (h, w) map)], rollout matrix (N_last, N_first))."""
     probs, selections = capture_attention(model, x)
@@ -172,13 +184,17 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)
-        model, transform, _ = load_model(args.checkpoint, args.model, args.hub, args.ema)
-        x = transform(load_rgb(args.image)).unsqueeze(0)  # (1, 3, H, W)
-        maps, _ = attention_maps(model.to(device), x.to(device))
+        model, transform, class_names = load_model(args.checkpoint, args.model, args.hub, args.ema)
+        x = transform(load_rgb(args.image)).unsqueeze(0).to(device)  # (1, 3, H, W)
+        model = model.to(device)
+        if hasattr(model, 'class_attention_map'):
+            maps = aggregation_maps(model, x, class_names)
+        else:
+            maps, _ = attention_maps(model, x)
     except (ValueError, utils.UserError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    image = visualize.denormalize(x[0], *normalization(transform))
+    image = visualize.denormalize(x[0].cpu(), *normalization(transform))
     visualize.draw_attention_grid(image, [(title, m.cpu().numpy()) for title, m in maps], args.output)
     print(f'wrote {args.output}')
 

@@ -180,6 +180,20 @@ def test_rollout_rows_sum_to_one_and_maps_are_non_negative(name, kwargs, size):
         assert (maps[-1][1].flatten()[~dropped] > 0).all()
 
 
+def test_patchconvnet_panels_are_its_class_attention_over_the_patch_grid():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    single = timm.create_model('patchconvnet_micro_patch4_16')
+    [(title, heat)] = visualize_attention.aggregation_maps(single, x)
+    assert title == 'class attention' and heat.shape == (4, 4) and 0 < heat.sum() < 1
+    multi = timm.create_model('patchconvnet_micro_patch4_16', multi_class=True, num_classes=6)
+    names = [f'digit{i}' for i in range(6)]
+    maps = visualize_attention.aggregation_maps(multi, x, names)
+    best = multi(x)[0].argmax().item()
+    assert len(maps) == 4 and maps[0][0] == f'digit{best} token'
+    assert all(torch.allclose(heat.sum(), torch.tensor(1.0), atol=1e-5) for _, heat in maps)
+
+
 def test_recomputed_attention_reproduces_timm_fused_attention():
     torch.manual_seed(0)
     attn = timm.create_model('deit_micro_patch2_16').blocks[0].attn.eval()
