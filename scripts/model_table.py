@@ -131,7 +131,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', action='append', help='only this model (repeatable); default: all with figures')
     p.add_argument('--check', action='store_true', help=f'exit 1 when any model is more than '
-                                                        f'{TOLERANCE:.0%} off its paper')
+                                                        f'{TOLERANCE * 100:.0f}%% off its paper')
     args = p.parse_args(argv)
     try:
         rows = table_rows(args.model)
