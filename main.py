@@ -18,14 +18,10 @@ import model_factory
 import schedules
 import utils
 import visualize
+from checkpoints import BEST_CHECKPOINT, CHECKPOINT, CheckpointWriter, find_resume, resume
 from datasets import DATASETS, BadImageError, build_dataset, build_transform, resolve_data_set
 from samplers import EvalSampler, RASampler, SeededDataset, collate_skipping_none
 from utils import UserError
-
-CHECKPOINT = 'checkpoint.pth'
-BEST_CHECKPOINT = 'best_checkpoint.pth'
-# Config entries that must agree before a checkpoint in output_dir is taken as this run's own.
-RUN_IDENTITY = ('model', 'data_set', 'input_size', 'nb_classes')
 
 
 def get_args_parser():
@@ -337,101 +333,6 @@ def report_speed(args, model, device):
               f'{iters} timed iterations on {device.type})', flush=True)
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def run_identity(config):
-    return {k: config.get(k) for k in RUN_IDENTITY}
-
-
-def find_resume(args):
-    """Resume precedence: --resume, else output_dir/checkpoint.pth of this same run, else a fresh start."""
-    if args.resume:
-        return args.resume
-    if not args.output_dir:
-        return ''
-    path = os.path.join(args.output_dir, CHECKPOINT)
-    if not os.path.isfile(path):
-        return ''
-    if args.eval:
-        return path
-    config = utils.load_checkpoint(path).get('args', {})
-    if run_identity(config) == run_identity(vars(args)):
-        return path
-    if args.overwrite:
-        print(f'| --overwrite: starting afresh; {path} will be replaced')
-        return ''
-    raise UserError(f'{args.output_dir} holds the checkpoint of another run ({run_identity(config)}); '
-                    'choose another --output_dir, pass --resume to continue that run, or add --overwrite')
-
-
-def load_model_state(model, state, path):
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
-        raise UserError(f'checkpoint {path} does not fit model this run builds ({detail[:150]}); '
-                        'pass the --model and data set it was trained with') from e
-
-
-def resume(args, path, model, train_state, model_ema):
-    """Restore everything a checkpoint holds.
-
-    Returns (start_epoch, start_step, max_accuracy, epoch_metrics, elapsed_seconds of the run clock).
-    """
-    ckpt = utils.load_checkpoint(path)
-    load_model_state(model, ckpt.get('model', ckpt), path)
-    if args.eval or 'optimizer' not in ckpt:
-        print(f'| loaded weights from {path}')
-        return args.start_epoch, 0, 0.0, None, 0.0
-    train_state.optimizer.load_state_dict(ckpt['optimizer'])
-    # The LR is a function of the update count and this run's flags, so the saved scheduler state is kept for
-    # the record but not restored: a resume with a longer --epochs stretches the schedule to the new length.
-    if 'scaler' in ckpt:
-        train_state.scaler.load_state_dict(ckpt['scaler'])
-    if model_ema is not None and 'model_ema' in ckpt:
-        model_ema.module.load_state_dict(ckpt['model_ema'])
-    if 'rng' in ckpt:
-        utils.set_rng_state(ckpt['rng'])
-    epoch, step = ckpt['epoch'] + 1, ckpt.get('step_in_epoch', 0)
-    print(f'| resumed from {path} at epoch {epoch}, step {step}')
-    metrics = ckpt.get('epoch_metrics') if utils.is_main_process() else None
-    return epoch, step, ckpt.get('max_accuracy', 0.0), metrics, ckpt.get('elapsed_seconds', 0.0)
-
-
-class CheckpointWriter:
-    """Builds checkpoint dicts and writes them (rank 0 only), honouring --on-save-error."""
-
-    def __init__(self, args, model, train_state, model_ema, class_names, clock):
-        self.args, self.model, self.state, self.ema, self.class_names = args, model, train_state, model_ema, class_names
-        self.clock = clock
-
-    def build(self, epoch, step_in_epoch, max_accuracy, epoch_metrics=None):
-        """epoch: the last completed epoch (DeiT's meaning); step_in_epoch: updates done in epoch + 1."""
-        ckpt = {'model': engine.unwrap(self.model).state_dict(), 'optimizer': self.state.optimizer.state_dict(),
-                'lr_scheduler': self.state.lr_scheduler.state_dict(), 'scaler': self.state.scaler.state_dict(),
-                'epoch': epoch, 'step_in_epoch': step_in_epoch, 'max_accuracy': max_accuracy,
-                'epoch_metrics': epoch_metrics or {}, 'rng': utils.get_rng_state(),
-                'elapsed_seconds': self.clock.elapsed(),
-                'args': dict(vars(self.args)), 'class_names': list(self.class_names)}
-        if self.ema is not None:
-            ckpt['model_ema'] = self.ema.module.state_dict()
-        return ckpt
-
-    def write(self, ckpt, *names):
-        if not self.args.output_dir or not utils.is_main_process():
-            return
-        for name in names:
-            path = os.path.join(self.args.output_dir, name)
-            try:
-                utils.save_checkpoint(ckpt, path)
-            except OSError as e:
-                message = f'could not write {path} ({e.strerror or e}); the previous checkpoint is kept'
-                if self.args.on_save_error == 'stop':
-                    raise UserError(message + '; free space or fix permissions, then run again to resume') from e
-                print(f'| warning: {message}', flush=True)
-
-
 def agreed(flags, device):
     """Each flag True on every rank when it is True on any rank."""
     if not utils.is_dist_avail_and_initialized():
@@ -566,7 +467,9 @@ def main(args):
                                                  last, len(dataset_val) * (2 if model_ema else 1))
     if utils.is_main_process():
         plan = f'{args.time_budget} h budget' if budget else f'{n_updates} updates per epoch'
-        print(f'| {args.model}: {n_parameters / 1e6:.2f}M parameters, {len(dataset_train)} train / '
+        total = sum(p.numel() for p in model.parameters())
+        trained = '' if total == n_parameters else f' ({total / 1e6:.2f}M in all)'
+        print(f'| {args.model}: {n_parameters / 1e6:.2f}M trained parameters{trained}, {len(dataset_train)} train / '
               f'{len(dataset_val)} val images, {args.nb_classes} classes, {plan}, '
               f'lr {args.lr:.3e}, amp {args.amp}', flush=True)
 

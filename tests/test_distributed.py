@@ -38,10 +38,13 @@ def test_two_ranks_match_one_process(tmp_path):
 
 
 def test_multi_node_style_rendezvous(tmp_path):
-    """torchrun's c10d rendezvous, as multi-node runs start (one node here): the ranks meet and train."""
+    """torchrun's c10d rendezvous, as multi-node runs start (one node here): the ranks meet and train, here with
+    DeiT's Cosub, whose doubled batch goes through DDP."""
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
                 '--rdzv_backend=c10d', f'--rdzv_endpoint=127.0.0.1:{free_port()}']
-    result = run_main(COMMON + ['--batch-size', '16', '--epochs', '1', '--output_dir', tmp_path], launcher=launcher)
+    cosub = ['--cosub', '--drop-path', '0.1', '--bce-loss']
+    result = run_main(COMMON + cosub + ['--batch-size', '16', '--epochs', '1', '--output_dir', tmp_path],
+                      launcher=launcher)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert 'launcher: torchrun (world size 2, backend gloo' in result.stdout
     assert [e['epoch'] for e in read_log(tmp_path)[1]] == [0]

@@ -10,8 +10,8 @@ import pytest
 import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ('main.py', 'model_factory.py', 'engine.py', 'datasets.py', 'samplers.py', 'losses.py', 'utils.py',
-           'models.py', 'run_with_submitit.py', 'hubconf.py')
+SOURCES = ('main.py', 'checkpoints.py', 'model_factory.py', 'engine.py', 'datasets.py', 'samplers.py', 'losses.py',
+           'utils.py', 'models.py', 'run_with_submitit.py', 'hubconf.py')
 
 
 def parser_actions():

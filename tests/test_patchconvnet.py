@@ -63,8 +63,9 @@ def test_params_and_gmacs_within_3_percent_of_the_paper(name):
     assert abs(gmacs / paper_gmacs - 1) < 0.03, gmacs
 
 
-def test_micro_forward_backward_every_parameter_gets_a_finite_gradient():
-    model = micro(drop_path_rate=0.1).train()
+@pytest.mark.parametrize('multi_class', [False, True])
+def test_micro_forward_backward_every_parameter_gets_a_finite_gradient(multi_class):
+    model = micro(drop_path_rate=0.1, multi_class=multi_class).train()
     logits = model(images())
     assert logits.shape == (2, 10)
     F.cross_entropy(logits, torch.tensor([1, 2])).backward()
