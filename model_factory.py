@@ -177,6 +177,11 @@ def load_finetune_weights(model, path):
         state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=list(new_grid),
                                                     old_size=[old_side, old_side], num_prefix_tokens=prefix)
         print(f'| finetune: position embedding {old_side}x{old_side} -> {new_grid[0]}x{new_grid[1]}')
+    reshaped = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if reshaped:
+        key = reshaped[0]
+        raise UserError(f'--finetune {path} does not fit this model: {key} is {tuple(state[key].shape)} there and '
+                        f'{tuple(own[key].shape)} here; is it a checkpoint of another model?')
     result = model.load_state_dict(state, strict=False)
     unexpected = [k for k in result.unexpected_keys]
     if unexpected:

@@ -73,3 +73,11 @@ def test_keep_rate_schedule_sets_model_and_ema():
         set_rate(step)
         assert min(model.keep_rates) == min(ema.keep_rates) == pytest.approx(expected)
     assert model_factory.keep_rate_schedule(main.get_args_parser().parse_args([]), [model], 4) is None
+
+
+def test_finetune_from_a_checkpoint_of_another_width_is_a_user_error(tmp_path):
+    other = build(model='deit_micro_patch2_16')
+    torch.save({'model': other.state_dict()}, tmp_path / 'micro.pth')
+    model = build(model='deit_tiny_patch2_16')
+    with pytest.raises(UserError, match=r'cls_token is \(1, 1, 48\) there and \(1, 1, 192\) here'):
+        model_factory.load_finetune_weights(model, str(tmp_path / 'micro.pth'))
