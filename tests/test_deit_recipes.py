@@ -117,7 +117,16 @@ def test_timms_parallel_block_vits_are_reachable_by_name(name):
     assert all(p.grad is not None for p in small.parameters())
 
 
-# ---------------------------------------------------------------- DeiT III: constant drop path, train mode
+# ---------------------------------------------------------------- DeiT III: LAMB, constant drop path, train mode
+
+def test_lamb_is_timms_with_the_weight_decay_split():
+    args = parse('--opt', 'lamb', '--weight-decay', '0.05', '--lr', '4e-3', '--unscale-lr')
+    model = model_factory.build_model(args)
+    optimizer = main.build_optimizer(args, model, torch.device('cpu'))
+    assert isinstance(optimizer, timm.optim.Lamb)
+    decays = sorted(group['weight_decay'] for group in optimizer.param_groups)
+    assert decays == [0.0, 0.05] and all(group['lr'] == 4e-3 for group in optimizer.param_groups)
+
 
 def test_constant_drop_path_gives_every_block_the_same_rate():
     linear = build('--drop-path', '0.2', model='deit_tiny_patch4_32', size='32')

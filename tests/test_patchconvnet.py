@@ -73,6 +73,15 @@ def test_micro_forward_backward_every_parameter_gets_a_finite_gradient(multi_cla
         assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize('name', DEIT_NAMES)
+def test_every_deit_name_trains_a_step_at_a_test_width(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, depth=2, embed_dim=32, num_classes=5, drop_path_rate=0.1).train()
+    F.cross_entropy(model(images(size=32)), torch.tensor([0, 4])).backward()
+    for param_name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
+
+
 def test_one_optimizer_step_lowers_the_loss_on_a_fixed_batch():
     model, x, y = micro(), images(batch=8), torch.arange(8) % 10
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
