@@ -7,7 +7,7 @@ distillation token and head).
 """
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, to_2tuple
 from timm.models import (VisionTransformer, VisionTransformerDistilled, build_model_with_cfg, generate_default_cfgs,
                          register_model)
 
@@ -133,7 +133,6 @@ class HMLPPatchEmbed(PatchEmbed):
             nn.Conv2d(hidden, embed_dim, kernel_size=third, stride=third, bias=bias), nn.BatchNorm2d(embed_dim))
 
     def set_input_size(self, img_size=None, patch_size=None):
-        if patch_size is not None and tuple(patch_size if isinstance(patch_size, tuple) else (patch_size,) * 2) \
-                != self.patch_size:
+        if patch_size is not None and to_2tuple(patch_size) != self.patch_size:
             raise ValueError('the hMLP stem cannot change its patch size after it is built')
         super().set_input_size(img_size=img_size)
