@@ -4,7 +4,7 @@
 #
 #   scripts/distill_digits.sh [OUTPUT_DIR [SEED]]      (default runs/distill_digits, seed 0)
 #
-# Hardware: a 2-core CPU. The accuracies it printed for seeds 0-2 are in README ("Distillation").
+# Hardware: a 2-core CPU. What it printed for seeds 0-2 (OMP_NUM_THREADS=2) is in README ("Distillation").
 set -euo pipefail
 OUT=${1:-runs/distill_digits}
 SEED=${2:-0}
