@@ -2,6 +2,7 @@
 
     python scripts/model_table.py                     # every model in the families' PAPER_FIGURES
     python scripts/model_table.py --model dhvt_tiny_patch4_32 --check
+    python scripts/model_table.py --model L60         # any timm model; '-' where no paper prints figures
 
 Models are built on the meta device (no memory; the CPU only for ops without a meta kernel) and run once at
 their pretrained_cfg input size, batch 1, under torch.utils.flop_counter.FlopCounterMode. It counts 2 FLOPs
@@ -32,14 +33,14 @@ TOLERANCE = 0.03
 class Row(NamedTuple):
     model: str
     params: float  # millions
-    paper_params: float
+    paper_params: Optional[float]  # None for a model whose paper prints no figures
     gmacs: float
     paper_gmacs: Optional[float]
     code_gmacs: Optional[float] = None  # the original code's count, where the paper's table disagrees with it
 
     @property
     def params_diff(self):
-        return self.params / self.paper_params - 1
+        return None if self.paper_params is None else self.params / self.paper_params - 1
 
     @property
     def gmacs_diff(self):
@@ -49,7 +50,7 @@ class Row(NamedTuple):
     def matches(self):
         gmacs_match = self.paper_gmacs is None or _close(self.gmacs, self.paper_gmacs) or \
             (self.code_gmacs is not None and _close(self.gmacs, self.code_gmacs))
-        return _close(self.params, self.paper_params) and gmacs_match
+        return (self.paper_params is None or _close(self.params, self.paper_params)) and gmacs_match
 
 
 def _close(ours, paper):
@@ -101,15 +102,15 @@ def _count(name, input_size, device):
 
 
 def table_rows(names=None):
-    """One Row per model: all with published figures, or the given names."""
+    """One Row per model: all with published figures, or the given names (any timm model; '-' without figures)."""
     figures, from_code = paper_figures(), code_gmacs()
-    unknown = sorted(set(names or ()) - set(figures))
+    unknown = sorted(n for n in names or () if n not in figures and not timm.is_model(n))
     if unknown:
-        raise ValueError(f'no published figures for {", ".join(unknown)}; choose from {", ".join(figures)}')
+        raise ValueError(f'unknown model {", ".join(unknown)}; pass a timm model name (timm.list_models() has them)')
     rows = []
     for name in names or figures:
         params, gmacs = measure(name)
-        paper_params, paper_gmacs = figures[name]
+        paper_params, paper_gmacs = figures.get(name, (None, None))
         rows.append(Row(name, params, paper_params, gmacs, paper_gmacs, from_code.get(name)))
     return rows
 
@@ -121,15 +122,18 @@ def markdown(rows):
         paper_gmacs = '-' if r.paper_gmacs is None else f'{r.paper_gmacs:g}'
         if r.code_gmacs is not None:
             paper_gmacs += f' (its code: {r.code_gmacs:g})'
+        paper_params = '-' if r.paper_params is None else f'{r.paper_params:g}'
+        params_diff = '-' if r.params_diff is None else f'{100 * r.params_diff:+.1f}'
         gmacs_diff = '-' if r.gmacs_diff is None else f'{100 * r.gmacs_diff:+.1f}'
-        lines.append(f'| {r.model} | {r.params:.2f} | {r.paper_params:g} | {r.gmacs:.2f} | {paper_gmacs} | '
-                     f'{100 * r.params_diff:+.1f} / {gmacs_diff} |')
+        lines.append(f'| {r.model} | {r.params:.2f} | {paper_params} | {r.gmacs:.2f} | {paper_gmacs} | '
+                     f'{params_diff} / {gmacs_diff} |')
     return '\n'.join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', action='append', help='only this model (repeatable); default: all with figures')
+    p.add_argument('--model', action='append',
+                   help='only this model (repeatable; any timm model); default: all with published figures')
     p.add_argument('--check', action='store_true', help=f'exit 1 when any model is more than '
                                                         f'{TOLERANCE * 100:.0f}%% off its paper')
     args = p.parse_args(argv)

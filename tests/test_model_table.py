@@ -56,6 +56,14 @@ def test_check_fails_on_a_model_off_its_figures(monkeypatch, capsys):
     assert model_table.main(['--model', 'no_such_model']) == 2
 
 
+def test_a_model_without_published_figures_gets_dashes_and_passes_the_check(capsys):
+    [row] = model_table.table_rows(['deit_micro_patch2_16'])
+    assert row.paper_params is None and row.params_diff is None and row.matches
+    assert model_table.main(['--model', 'deit_micro_patch2_16', '--check']) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith('| deit_micro_patch2_16 | 0.') and line.endswith('| - | - / - |')
+
+
 def test_script_prints_a_row_for_every_model_with_figures():
     """The whole table, on whatever families exist: it runs, and the DeiT rows hold our counts."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'model_table.py'), '--check'],
