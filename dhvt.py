@@ -54,9 +54,10 @@ class Affine(nn.Module):
 
 
 def sope_widths(patch_size, embed_dim):
-    """Output channels of SOPE's stride-2 convs: patch 16 -> D/8, D/4, D/2, D; patch 4 -> D/2, D; 2 -> D."""
+    """Output channels of SOPE's stride-2 convs (PatchConvnet's stem has the same):
+    patch 16 -> D/8, D/4, D/2, D; patch 4 -> D/2, D; 2 -> D."""
     if patch_size < 2 or patch_size & (patch_size - 1):
-        raise ValueError(f'DHVT patch_size must be a power of two >= 2 (got {patch_size}); use 2, 4, 8 or 16')
+        raise ValueError(f'patch_size must be a power of two >= 2 (got {patch_size}); use 2, 4, 8 or 16')
     num_convs = patch_size.bit_length() - 1
     if embed_dim % 2 ** (num_convs - 1):
         raise ValueError(f'embed_dim {embed_dim} must be divisible by {2 ** (num_convs - 1)} for patch size '

@@ -21,15 +21,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, SEModule, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from dhvt import sope_widths
+
 __all__ = ['PatchConvnet', 'PATCHCONVNET_SIZES', 'PAPER_FIGURES']
 
 
-def stem_widths(patch_size, embed_dim):
-    """Output channels of the stride-2 convs: patch 16 -> D/8, D/4, D/2, D; patch 4 -> D/2, D."""
-    if patch_size < 2 or patch_size & (patch_size - 1):
-        raise ValueError(f'PatchConvnet patch_size must be a power of two >= 2 (got {patch_size}); use 16')
-    num_convs = patch_size.bit_length() - 1
-    return [embed_dim // 2 ** (num_convs - 1 - i) for i in range(num_convs)]
+# The stride-2 conv widths of DHVT's SOPE stem: patch 16 -> D/8, D/4, D/2, D; patch 4 -> D/2, D.
+stem_widths = sope_widths
 
 
 class ConvStem(nn.Module):
