@@ -6,21 +6,23 @@ import os
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, rand_augment_transform
-from timm.data.random_erasing import RandomErasing
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import datasets, transforms
 
 from utils import UserError
 
 DATASETS = ('IMNET', 'FOLDER', 'CIFAR10', 'CIFAR100', 'INAT18', 'INAT19', 'LIST', 'DIGITS', 'FAKE')
-SMALL_IMAGE_MAX = 64  # inputs of this many pixels or fewer get the small-image pipeline
+DATASET_ALIASES = {'CIFAR': 'CIFAR100', 'INAT': 'INAT18'}  # DeiT's spellings
+SMALL_IMAGE_MAX = 32  # inputs of this many pixels or fewer get the small-image pipeline, as in DeiT
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
 def resolve_data_set(args):
-    """--data-set defaults to IMNET when --data-path is given (DeiT's behaviour), else to the embedded DIGITS."""
+    """--data-set defaults to IMNET when --data-path is given (DeiT's behaviour), else to the embedded DIGITS;
+    DeiT's names CIFAR (CIFAR-100) and INAT (iNaturalist 2018) become ours."""
     if args.data_set is None:
         args.data_set = 'IMNET' if args.data_path else 'DIGITS'
+    args.data_set = DATASET_ALIASES.get(args.data_set, args.data_set)
     return args.data_set
 
 
@@ -273,12 +275,14 @@ def build_transform(is_train, args):
         return _eval_transform(size, args)
     if args.ThreeAugment:
         return three_augment_transform(size, args)
+    transform = create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
+                                 auto_augment=_aa(args), interpolation=args.train_interpolation, re_prob=args.reprob,
+                                 re_mode=args.remode, re_count=args.recount, hflip=args.hflip,
+                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     if size <= SMALL_IMAGE_MAX:
-        return small_image_transform(size, args)
-    return create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
-                            auto_augment=_aa(args), interpolation=args.train_interpolation, re_prob=args.reprob,
-                            re_mode=args.remode, re_count=args.recount, hflip=args.hflip,
-                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+        # DeiT swaps the random-resized crop for a padded random crop; images of another size are resized first
+        transform.transforms[0:1] = small_image_crop(size)
+    return transform
 
 
 def _aa(args):
@@ -291,8 +295,7 @@ def _normalize():
 
 def _eval_transform(size, args):
     if size <= SMALL_IMAGE_MAX:
-        return transforms.Compose([transforms.Resize((size, size), interpolation=_interp('bicubic'))]
-                                  + _normalize())
+        return transforms.Compose([ResizeIfNeeded(size)] + _normalize())
     resize = int(size / args.eval_crop_ratio)
     return transforms.Compose([transforms.Resize(resize, interpolation=_interp('bicubic')),
                                transforms.CenterCrop(size)] + _normalize())
@@ -303,18 +306,24 @@ def _interp(name):
     return getattr(transforms.InterpolationMode, mode)
 
 
-def small_image_transform(size, args):
-    """For inputs of 64 px or less: resize to size, padded random crop, flip, optional RandAugment, erasing."""
-    steps = [transforms.Resize((size, size), interpolation=_interp('bicubic')),
-             transforms.RandomCrop(size, padding=max(size // 8, 1), padding_mode='reflect'),
-             transforms.RandomHorizontalFlip(args.hflip)]
-    if _aa(args):
-        mean_pixel = tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN)
-        steps.append(rand_augment_transform(args.aa, {'translate_const': int(size * 0.45), 'img_mean': mean_pixel}))
-    steps += _normalize()
-    if args.reprob > 0:
-        steps.append(RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device='cpu'))
-    return transforms.Compose(steps)
+class ResizeIfNeeded:
+    """Bicubic resize to size x size, leaving images that already have that size untouched (CIFAR at 32 px)."""
+
+    def __init__(self, size):
+        self.size = size
+        self.resize = transforms.Resize((size, size), interpolation=_interp('bicubic'))
+
+    def __call__(self, img):
+        return img if img.size == (self.size, self.size) else self.resize(img)
+
+    def __repr__(self):
+        return f'{type(self).__name__}(size={self.size})'
+
+
+def small_image_crop(size):
+    """DeiT's crop for inputs of 32 px or less (RandomCrop(32, padding=4), zero fill), its padding scaled with the
+    size, after a resize for images that are not size x size (DeiT's crop alone only suits CIFAR's 32 x 32)."""
+    return [ResizeIfNeeded(size), transforms.RandomCrop(size, padding=max(size // 8, 1))]
 
 
 class _Solarize:

@@ -19,7 +19,7 @@ import schedules
 import utils
 import visualize
 from checkpoints import BEST_CHECKPOINT, CHECKPOINT, CheckpointWriter, find_resume, resume
-from datasets import DATASETS, BadImageError, build_dataset, build_transform, resolve_data_set
+from datasets import DATASET_ALIASES, DATASETS, BadImageError, build_dataset, build_transform, resolve_data_set
 from samplers import EvalSampler, RASampler, SeededDataset, collate_skipping_none
 from utils import UserError
 
@@ -105,7 +105,10 @@ def get_args_parser():
     g.add_argument('--decay-epochs', type=float, default=30, help='step schedule period')
     g.add_argument('--warmup-epochs', type=int, default=5, help='0 for no warm-up')
     g.add_argument('--cooldown-epochs', type=int, default=10,
-                   help='last epochs held at --min-lr; included in --epochs')
+                   help='epochs at --min-lr after the cosine; trained only with --train-cooldown (DeiT stops '
+                        'at --epochs, so the cosine spans the whole run)')
+    g.add_argument('--train-cooldown', action='store_true',
+                   help="also train the --cooldown-epochs at --min-lr after --epochs, as timm's train.py does")
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
 
     g = p.add_argument_group('augmentation')
@@ -168,8 +171,9 @@ def get_args_parser():
 
     g = p.add_argument_group('data')
     g.add_argument('--data-path', default=None, type=str, help='dataset root')
-    g.add_argument('--data-set', default=None, choices=DATASETS,
-                   help='default: IMNET with --data-path, else the embedded DIGITS')
+    g.add_argument('--data-set', default=None, choices=DATASETS + tuple(DATASET_ALIASES),
+                   help='default: IMNET with --data-path, else the embedded DIGITS; DeiT\'s CIFAR is CIFAR100, '
+                        'INAT is INAT18')
     g.add_argument('--train-list', default='', metavar='FILE',
                    help='LIST data set: lines of "image path relative to --data-path, label"')
     g.add_argument('--val-list', default='', metavar='FILE', help='LIST data set: the validation list')
@@ -291,15 +295,17 @@ def scale_lr(args):
     return args.lr
 
 
+def run_epochs(args):
+    """Epochs the run trains: --epochs, plus the cool-down with --train-cooldown."""
+    return args.epochs + (args.cooldown_epochs if args.train_cooldown else 0)
+
+
 def build_scheduler(args, optimizer, n_updates):
-    """timm's schedule stepped every update; --epochs is the total and includes --cooldown-epochs."""
-    cooldown = min(args.cooldown_epochs, max(args.epochs - args.warmup_epochs - 1, 0))
-    if cooldown != args.cooldown_epochs and utils.is_main_process():
-        print(f'| note: --cooldown-epochs {args.cooldown_epochs} leaves no decay in {args.epochs} epochs; '
-              f'using {cooldown}')
+    """DeiT's schedule (timm's, over --epochs; its cool-down comes after them), stepped every update: the LR at the
+    first update of epoch e is the LR DeiT's per-epoch scheduler gives epoch e."""
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs - cooldown, decay_epochs=args.decay_epochs,
-        cooldown_epochs=cooldown, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
         warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
         noise_std=args.lr_noise_std, noise_seed=args.seed, step_on_epochs=False, updates_per_epoch=n_updates)
     return scheduler
@@ -456,10 +462,11 @@ def main(args):
     tb_writer = start_log(args, resume_path)
     clock = schedules.Clock(offset=elapsed)
     budget = schedules.Budget(args.time_budget, clock) if args.time_budget else None
-    epoch_progress = schedules.EpochProgress(args.epochs)
+    epochs = run_epochs(args)
+    epoch_progress = schedules.EpochProgress(epochs)
     if budget is not None or args.multisize_batch:
         progress = (lambda _: budget.progress()) if budget is not None else epoch_progress
-        train_state.lr_scheduler = schedules.ProgressLR(train_state.lr_scheduler, args.epochs * n_updates, progress)
+        train_state.lr_scheduler = schedules.ProgressLR(train_state.lr_scheduler, epochs * n_updates, progress)
     checkpoints = CheckpointWriter(args, model, train_state, model_ema, class_names, clock)
     best, last = [max_accuracy], {}  # shared with the mid-epoch saver
     stop_signal = utils.StopSignal()
@@ -473,7 +480,7 @@ def main(args):
               f'{len(dataset_val)} val images, {args.nb_classes} classes, {plan}, '
               f'lr {args.lr:.3e}, amp {args.amp}', flush=True)
 
-    finished = budget.over() if budget is not None else args.start_epoch >= args.epochs
+    finished = budget.over() if budget is not None else args.start_epoch >= epochs
     if finished:
         if utils.is_main_process():
             print(f'| nothing left to train: the checkpoint finished epoch {args.start_epoch - 1} '
@@ -481,9 +488,9 @@ def main(args):
         engine.evaluate(loader_val, model, **eval_kwargs)
         return
     stage, loader_train, epoch = None, None, args.start_epoch
-    while budget is not None or epoch < args.epochs:
+    while budget is not None or epoch < epochs:
         epoch_timer = utils.Timer()
-        size = sizes.size_at(epoch, budget.progress() if budget else epoch / args.epochs) if sizes else args.input_size
+        size = sizes.size_at(epoch, budget.progress() if budget else epoch / epochs) if sizes else args.input_size
         batch = schedules.batch_for_size(args.batch_size, size, sizes.final_size) if args.multisize_batch \
             and sizes else args.batch_size
         eval_size = size if sizes and not args.eval_on_final_size else args.input_size

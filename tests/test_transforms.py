@@ -1,7 +1,10 @@
+import random
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import create_transform
 from torchvision import transforms
 
 import datasets
@@ -68,7 +71,7 @@ def test_three_augment(src):
 @pytest.mark.parametrize('size', [8, 32])
 def test_small_image_pipeline_shape(size):
     transform = datasets.build_transform(True, args_for('--input-size', size))
-    assert steps(transform)[:3] == ['Resize', 'RandomCrop', 'RandomHorizontalFlip']
+    assert steps(transform)[:3] == ['ResizeIfNeeded', 'RandomCrop', 'RandomHorizontalFlip']
     assert transform(image(40, 30)).shape == (3, size, size)
     evaluation = datasets.build_transform(False, args_for('--input-size', size))
     assert evaluation(image(40, 30)).shape == (3, size, size)
@@ -89,6 +92,77 @@ def test_small_image_without_aa_or_erasing():
     transform = datasets.build_transform(True, args_for('--input-size', 16, '--aa', 'none', '--reprob', 0))
     names = steps(transform)
     assert 'RandAugment' not in names and 'RandomErasing' not in names
+
+
+def deit_transform(is_train, size, crop_ratio=0.875):
+    """DeiT's build_transform (its datasets.py) with DeiT's default flags, written out as the official code builds
+    it: timm's create_transform for training, its first step replaced by RandomCrop(size, padding=4) at 32 px and
+    below; evaluation resizes to size / crop ratio and center-crops above 32 px, and only normalises at 32 px."""
+    if is_train:
+        transform = create_transform(input_size=size, is_training=True, color_jitter=0.3,
+                                     auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic', re_prob=0.25,
+                                     re_mode='pixel', re_count=1)
+        if size <= 32:
+            transform.transforms[0] = transforms.RandomCrop(size, padding=4)
+        return transform
+    steps = []
+    if size > 32:
+        steps += [transforms.Resize(int(size / crop_ratio), interpolation=transforms.InterpolationMode.BICUBIC),
+                  transforms.CenterCrop(size)]
+    steps += [transforms.ToTensor(), transforms.Normalize(datasets.IMAGENET_DEFAULT_MEAN, datasets.IMAGENET_DEFAULT_STD)]
+    return transforms.Compose(steps)
+
+
+# The pipelines DeiT's code builds (timm's step names), which ours must reproduce step for step.
+DEIT_TRAIN_STEPS = {
+    32: ['RandomCrop', 'RandomHorizontalFlip', 'RandAugment', 'MaybeToTensor', 'Normalize', 'RandomErasing'],
+    64: ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment', 'MaybeToTensor', 'Normalize',
+         'RandomErasing'],
+    224: ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment', 'MaybeToTensor', 'Normalize',
+          'RandomErasing'],
+}
+
+
+@pytest.mark.parametrize('size', [32, 64, 224])
+def test_train_pipeline_is_deits(size):
+    ours = datasets.build_transform(True, args_for('--input-size', size))
+    deit = deit_transform(True, size)
+    assert steps(deit) == DEIT_TRAIN_STEPS[size]
+    expected = DEIT_TRAIN_STEPS[size] if size > 32 else ['ResizeIfNeeded'] + DEIT_TRAIN_STEPS[size]
+    assert steps(ours) == expected
+    rand_augment = next(t for t in ours.transforms if type(t).__name__ == 'RandAugment')
+    assert all(op.hparams['interpolation'] == Image.BICUBIC for op in rand_augment.ops)
+    # CIFAR-sized images at 32 px, photos above: the same random draws give the same pixels
+    img = image(32, 32) if size == 32 else image()
+    for seed in range(4):
+        outputs = []
+        for transform in (ours, deit):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            outputs.append(transform(img))
+        assert torch.equal(*outputs), seed
+
+
+@pytest.mark.parametrize('size, ratio', [(32, 0.875), (64, 0.875), (64, 1.0), (224, 0.875), (224, 0.9)])
+def test_eval_pipeline_is_deits(size, ratio):
+    ours = datasets.build_transform(False, args_for('--input-size', size, '--eval-crop-ratio', ratio))
+    img = image(32, 32) if size == 32 else image()
+    assert torch.equal(ours(img), deit_transform(False, size, ratio)(img))
+
+
+def test_small_image_pad_crop_resizes_other_sizes_first():
+    """At 32 px and below, an image of another size is resized before the padded crop (DeiT's crop alone would
+    cut a 32 px window out of the full image)."""
+    transform = datasets.build_transform(True, args_for('--input-size', 16, '--aa', 'none', '--reprob', 0,
+                                                        '--hflip', 0, '--color-jitter', 0))
+    crop = transform.transforms[1]
+    assert isinstance(crop, transforms.RandomCrop) and crop.padding == 2
+    smooth = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1)), 'L').convert('RGB')
+    out = transform(smooth)
+    assert out.shape == (3, 16, 16)
+    # a 16 px window of the 64 px image would span a quarter of the gradient; the resized image spans it all
+    assert out[0].max() - out[0][out[0] > out[0].min()].min() > 3.0
 
 
 def saved(tmp_path, img, name, **kwargs):
