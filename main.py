@@ -51,8 +51,8 @@ def get_args_parser():
     g.add_argument('--is-multisize', action='store_true',
                    help='train at --init-size, growing by 16 x --patch-step px every --epoch-step epochs')
     g.add_argument('--init-size', type=int, default=32, help='first size of --is-multisize')
-    g.add_argument('--epoch-step', type=int, default=5, help='epochs per size of --is-multisize')
-    g.add_argument('--patch-step', type=int, default=2, help='growth of --is-multisize, in 16 px steps')
+    g.add_argument('--epoch-step', type=int, default=7, help='epochs per size of --is-multisize (the paper\'s recipe: 5)')
+    g.add_argument('--patch-step', type=int, default=1, help='growth of --is-multisize, in 16 px steps (the paper\'s recipe: 2)')
     g.add_argument('--size-schedule', default='', metavar='START:SIZE,...',
                    help="training sizes by epoch ('0:32,5:64') or by fraction of the run ('0:32,0.5:64')")
     g.add_argument('--eval-on-final-size', action='store_true',
@@ -407,6 +407,7 @@ def main(args):
         model_factory.load_finetune_weights(model, args.finetune)
     if args.attn_only:
         model_factory.attention_only(model, args.model)
+    model_factory.train_class_head_only(model, args)
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model_ema = None

@@ -29,7 +29,7 @@ def model_options(args):
             raise UserError(f'--localvit-act {act} is not available with --localvit; '
                             f'choose one of {", ".join(localvit.IMPROVED_LOCALVIT_ACTS)}')
         prefix = 2 if 'distilled' in args.model else 1
-        options['mlp_layer'] = localvit.improved_local_mlp(act=act, num_prefix_tokens=prefix)
+        options.update(localvit.improved_localvit_options(act=act, num_prefix_tokens=prefix))
     elif args.localvit_act is not None:
         if not args.model.startswith('localvit_'):
             raise UserError(f'--localvit-act applies to localvit_* models or with --localvit; {args.model} is neither')
@@ -83,10 +83,11 @@ def keep_rate_schedule(args, models_to_set, updates_per_epoch):
 
 
 def flag_names(options):
-    names = {'init_values': '--layer-scale', 'mlp_layer': '--localvit', 'act': '--localvit-act',
+    names = {'init_values': '--layer-scale', 'mlp_layer': '--localvit', 'qkv_bias': '--localvit',
+             'act': '--localvit-act',
              'keep_rate': '--base_keep_rate', 'fuse_token': '--fuse_token', 'drop_loc': '--drop_loc',
              'dynamic_img_size': '--is-multisize / --size-schedule', 'embed_layer': '--patch-embed hmlp'}
-    return ' / '.join(names[k] for k in options)
+    return ' / '.join(dict.fromkeys(names[k] for k in options))
 
 
 SIZE_OPTIONS = ('dynamic_img_size', 'img_size')  # what models that take any input size (convnets, DHVT) lack
@@ -130,6 +131,8 @@ def build_model(args):
     if patch is not None and args.input_size % patch[0]:
         raise UserError(f'--input-size {args.input_size} is not a multiple of {args.model}\'s patch size '
                         f'{patch[0]}; pass a multiple such as {args.input_size // patch[0] * patch[0] or patch[0]}')
+    if args.localvit:
+        localvit.init_like_24h_code(model)
     if args.constant_drop_path and args.drop_path > 0:
         constant_drop_path(model, args.drop_path, args.model)
     return model
@@ -158,6 +161,18 @@ def attention_only(model, name):
     heads = ('head.', 'head_dist.')
     for param_name, param in model.named_parameters():
         param.requires_grad_('.attn.' in param_name or param_name.startswith(heads) or param_name == 'pos_embed')
+
+
+def train_class_head_only(model, args):
+    """DeiT's distilled models without a teacher: they return (class, distillation) outputs in training and the
+    criterion takes the first, so only the class head learns; the distillation head stays as initialised (it is
+    frozen here, which DeiT's optimizer amounts to: it never gets a gradient). Evaluation averages the two heads."""
+    if args.distillation_type != 'none' or args.cosub or not hasattr(model, 'set_distilled_training'):
+        return False
+    model.set_distilled_training(True)
+    for head in model.get_classifier()[1:]:
+        head.requires_grad_(False)
+    return True
 
 
 def load_finetune_weights(model, path):

@@ -1,6 +1,6 @@
 """Parameters and GMACs of every model with published figures, next to those figures, as a markdown table.
 
-    python scripts/model_table.py                     # every model in the families' PAPER_FIGURES
+    python scripts/model_table.py                     # every model in the families' PAPER_FIGURES, and --localvit
     python scripts/model_table.py --model dhvt_tiny_patch4_32 --check
     python scripts/model_table.py --model L60         # any timm model; '-' where no paper prints figures
 
@@ -37,6 +37,7 @@ class Row(NamedTuple):
     gmacs: float
     paper_gmacs: Optional[float]
     code_gmacs: Optional[float] = None  # the original code's count, where the paper's table disagrees with it
+    code_params: Optional[float] = None  # what the original code trains, where the paper also counts unused layers
 
     @property
     def params_diff(self):
@@ -50,7 +51,9 @@ class Row(NamedTuple):
     def matches(self):
         gmacs_match = self.paper_gmacs is None or _close(self.gmacs, self.paper_gmacs) or \
             (self.code_gmacs is not None and _close(self.gmacs, self.code_gmacs))
-        return (self.paper_params is None or _close(self.params, self.paper_params)) and gmacs_match
+        params_match = self.paper_params is None or _close(self.params, self.paper_params) or \
+            (self.code_params is not None and _close(self.params, self.code_params))
+        return params_match and gmacs_match
 
 
 def _close(ours, paper):
@@ -75,13 +78,14 @@ def code_gmacs():
     return merged
 
 
-def measure(name):
-    """(params in millions, GMACs) of timm model `name` at its pretrained_cfg input size, batch 1."""
+def measure(name, **options):
+    """(params in millions, GMACs) of timm model `name` (built with `options`) at its pretrained_cfg input size,
+    batch 1."""
     input_size = _input_size(name)
     try:
-        return _count(name, input_size, torch.device('meta'))
+        return _count(name, input_size, torch.device('meta'), options)
     except (NotImplementedError, RuntimeError):  # an op without a meta kernel, or data-dependent shapes
-        return _count(name, input_size, torch.device('cpu'))
+        return _count(name, input_size, torch.device('cpu'), options)
 
 
 def _input_size(name):
@@ -91,9 +95,9 @@ def _input_size(name):
     return cfg.input_size
 
 
-def _count(name, input_size, device):
+def _count(name, input_size, device, options):
     with device:
-        model = timm.create_model(name).eval()
+        model = timm.create_model(name, **options).eval()
     params = sum(p.numel() for p in model.parameters())
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -112,6 +116,16 @@ def table_rows(names=None):
         params, gmacs = measure(name)
         paper_params, paper_gmacs = figures.get(name, (None, None))
         rows.append(Row(name, params, paper_params, gmacs, paper_gmacs, from_code.get(name)))
+    return rows if names else rows + improved_localvit_rows()
+
+
+def improved_localvit_rows():
+    """The 24-hour paper's improved LocalViT (`--localvit --localvit-act hs`) on the models it reports."""
+    rows = []
+    for name, (paper_params, paper_gmacs) in localvit.IMPROVED_PAPER_FIGURES.items():
+        params, gmacs = measure(name, **localvit.improved_localvit_options('hs'))
+        trained, _ = localvit.IMPROVED_CODE_PARAMS[name]
+        rows.append(Row(f'{name} --localvit', params, paper_params, gmacs, paper_gmacs, code_params=trained / 1e6))
     return rows
 
 
@@ -123,6 +137,8 @@ def markdown(rows):
         if r.code_gmacs is not None:
             paper_gmacs += f' (its code: {r.code_gmacs:g})'
         paper_params = '-' if r.paper_params is None else f'{r.paper_params:g}'
+        if r.code_params is not None:
+            paper_params += f' (its code trains: {r.code_params:.2f})'
         params_diff = '-' if r.params_diff is None else f'{100 * r.params_diff:+.1f}'
         gmacs_diff = '-' if r.gmacs_diff is None else f'{100 * r.gmacs_diff:+.1f}'
         lines.append(f'| {r.model} | {r.params:.2f} | {paper_params} | {r.gmacs:.2f} | {paper_gmacs} | '

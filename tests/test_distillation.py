@@ -103,3 +103,39 @@ def test_distillation_run_on_digits(tmp_path):
     saved = torch.load(student_dir / 'checkpoint.pth', weights_only=True)
     assert 'head_dist.weight' in saved['model'] and not any('teacher' in k for k in saved)
     assert set(saved['model']) == set(timm.create_model(STUDENT, num_classes=10, img_size=8).state_dict())
+
+
+def test_distilled_model_without_teacher_trains_the_class_head_only():
+    """DeiT: a distilled model with --distillation-type none returns both heads in training, the criterion takes the
+    first, so the class head learns and the distillation head keeps its initial weights."""
+    args = args_for()
+    student = model_factory.build_model(args)
+    assert model_factory.train_class_head_only(student, args)
+    criterion = model_factory.build_criterion(args, student, False, torch.device('cpu'))
+    head_dist, head = student.head_dist.weight.clone(), student.head.weight.clone()
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.05)
+    student.train()
+    images, targets = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    outputs = student(images)
+    assert isinstance(outputs, tuple) and len(outputs) == 2
+    loss = criterion(images, outputs, targets)
+    assert torch.isclose(loss, torch.nn.functional.cross_entropy(outputs[0], targets, label_smoothing=0.1))
+    loss.backward()
+    optimizer.step()
+    assert torch.equal(student.head_dist.weight, head_dist)
+    assert not torch.equal(student.head.weight, head)
+    assert student.dist_token.grad is not None  # the token still shapes the class token through attention
+    student.eval()
+    with torch.no_grad():
+        features = student.forward_features(images)
+        mean = (student.head(features[:, 0]) + student.head_dist(features[:, 1])) / 2
+        assert torch.allclose(student(images), mean, atol=1e-6)
+
+
+def test_plain_model_and_teacher_runs_are_left_alone(teacher_file):
+    assert not model_factory.train_class_head_only(timm.create_model(TEACHER, num_classes=10, img_size=8),
+                                                   args_for(model=TEACHER))
+    args = args_for('--distillation-type', 'hard', '--teacher-model', TEACHER, '--teacher-path', teacher_file)
+    student = model_factory.build_model(args)
+    assert not model_factory.train_class_head_only(student, args)
+    assert student.head_dist.weight.requires_grad

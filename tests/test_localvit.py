@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import localvit
+import main
+import model_factory
 import models  # noqa: F401 - registers deit_micro_patch2_16
 from localvit import (IMPROVED_LOCALVIT_ACTS, IMPROVED_PAPER_FIGURES, LOCALVIT_ACTS, LOCALVIT_SIZES, PAPER_FIGURES,
                       improved_local_mlp)
@@ -204,3 +206,39 @@ def test_improved_ffn_on_distilled_and_deit3():
         wrong_prefix(images(48))
     params, _ = meta_params_and_gmacs('deit3_small_patch16_224', mlp_layer=improved_local_mlp('hs', 1))
     assert math.isclose(params, IMPROVED_PAPER_FIGURES['deit_small_patch16_224'][0], rel_tol=0.03)
+
+
+def improved_deit_small(**kwargs):
+    args = main.get_args_parser().parse_args(['--model', 'deit_small_patch16_224', '--localvit', *kwargs.pop('flags', [])])
+    args.nb_classes = 1000
+    return model_factory.build_model(args)
+
+
+def test_localvit_flag_builds_the_24h_code_model():
+    """--localvit on DeiT-S trains what the 24-hour code's DeiT-S + 'hs' model trains: 22,179,688 parameters, no
+    bias on q, k and v (its paper's 22.23M adds 47,088 parameters its forward pass never uses)."""
+    torch.manual_seed(0)
+    model = improved_deit_small()
+    trained, unused = localvit.IMPROVED_CODE_PARAMS['deit_small_patch16_224']
+    assert sum(p.numel() for p in model.parameters()) == trained == 22_179_688
+    assert round((trained + unused) / 1e6, 2) == IMPROVED_PAPER_FIGURES['deit_small_patch16_224'][0]
+    assert all(block.attn.qkv.bias is None for block in model.blocks)
+    assert model.blocks[0].attn.proj.bias is not None
+
+
+def test_localvit_flag_initialises_as_the_24h_code():
+    torch.manual_seed(0)
+    model = improved_deit_small()
+    dim, classes = 384, 1000
+    qkv = model.blocks[0].attn.qkv.weight
+    for third in qkv.chunk(3):  # the official q, k, v are separate (384, 384) Xavier-normal matrices
+        assert math.isclose(third.std().item(), math.sqrt(2 / (dim + dim)), rel_tol=0.02)
+    fc1 = model.blocks[0].mlp.fc1.weight
+    assert math.isclose(fc1.std().item(), math.sqrt(2 / (dim + 4 * dim)), rel_tol=0.02)
+    assert math.isclose(model.head.weight.std().item(), math.sqrt(2 / (dim + classes)), rel_tol=0.02)
+    bias = model.blocks[0].attn.proj.bias  # PyTorch's default: uniform within 1 / sqrt(fan_in)
+    assert bias.abs().max() <= 1 / math.sqrt(dim) and bias.std() > 0.5 / math.sqrt(3 * dim)
+    assert math.isclose(model.pos_embed.std().item(), math.sqrt(2 / (197 * dim + dim)), rel_tol=0.05)
+    assert math.isclose(model.cls_token.std().item(), math.sqrt(2 / (2 * dim)), rel_tol=0.2)
+    plain = timm.create_model('deit_small_patch16_224')  # timm's own init differs: std 0.02, zero biases
+    assert plain.blocks[0].attn.proj.bias.abs().max() == 0

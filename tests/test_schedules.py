@@ -24,6 +24,16 @@ def test_paper_multisize_schedule(epoch, size):
     assert schedules.paper_multisize_schedule(32, 5, 2, 224).size_at(epoch, 0.0) == size
 
 
+@pytest.mark.parametrize('epoch, size', [(0, 32), (6, 32), (7, 48), (13, 48), (14, 64), (83, 208), (84, 224),
+                                         (299, 224)])
+def test_multisize_flag_defaults_are_the_24h_codes(epoch, size):
+    """The 24-hour code defaults to --epoch-step 7 --patch-step 1 (its best-config script passes 5 and 2)."""
+    import main
+    args = main.get_args_parser().parse_args(['--is-multisize'])
+    assert (args.epoch_step, args.patch_step, args.init_size) == (7, 1, 32)
+    assert main.train_size_schedule(args).size_at(epoch, 0.0) == size
+
+
 def test_paper_schedule_never_passes_the_final_size():
     sizes = schedules.paper_multisize_schedule(32, 5, 2, 200)
     assert sizes.final_size == 192 and sizes.size_at(1000, 1.0) == 192
