@@ -1,6 +1,8 @@
 """Checkpoints of a run: what they hold, where a run resumes from, and how they are written (rank 0 only)."""
 import os
 
+import torch
+
 import engine
 import utils
 from utils import UserError
@@ -71,6 +73,12 @@ def resume(args, path, model, train_state, model_ema):
     return epoch, step, ckpt.get('max_accuracy', 0.0), metrics, ckpt.get('elapsed_seconds', 0.0)
 
 
+def scaler_state(scaler):
+    """The GradScaler's state, or a fresh enabled one's when fp16 is off: DeiT's resume loads it into an enabled
+    scaler, which refuses the empty state of a disabled one."""
+    return scaler.state_dict() or torch.amp.GradScaler('cpu', enabled=True).state_dict()
+
+
 class CheckpointWriter:
     """Builds checkpoint dicts and writes them (rank 0 only), honouring --on-save-error."""
 
@@ -81,7 +89,7 @@ class CheckpointWriter:
     def build(self, epoch, step_in_epoch, max_accuracy, epoch_metrics=None):
         """epoch: the last completed epoch (DeiT's meaning); step_in_epoch: updates done in epoch + 1."""
         ckpt = {'model': engine.unwrap(self.model).state_dict(), 'optimizer': self.state.optimizer.state_dict(),
-                'lr_scheduler': self.state.lr_scheduler.state_dict(), 'scaler': self.state.scaler.state_dict(),
+                'lr_scheduler': self.state.lr_scheduler.state_dict(), 'scaler': scaler_state(self.state.scaler),
                 'epoch': epoch, 'step_in_epoch': step_in_epoch, 'max_accuracy': max_accuracy,
                 'epoch_metrics': epoch_metrics or {}, 'rng': utils.get_rng_state(),
                 'elapsed_seconds': self.clock.elapsed(),

@@ -246,9 +246,22 @@ def skipped_errors(args):
     return (BadImageError,) if args.skip_bad_images else ()
 
 
+def uses_repeated_aug(args):
+    """DeiT's rule: repeated augmentation only under a distributed launch (torchrun, Slurm, submitit; any world
+    size), a plain shuffle under `python main.py`."""
+    return args.repeated_aug and args.launcher != 'single'
+
+
+def sampler_description(args):
+    if uses_repeated_aug(args):
+        return f'repeated augmentation (3 repeats, {args.launcher} launch)'
+    why = '--no-repeated-aug' if not args.repeated_aug else 'plain python launch, as in DeiT; torchrun turns on RA'
+    return f'random shuffle ({why})'
+
+
 def build_train_loader(args, dataset_train, batch_size):
     sampler = RASampler(len(dataset_train), utils.get_world_size(), utils.get_rank(), shuffle=True,
-                        num_repeats=3 if args.repeated_aug else 1, seed=args.seed)
+                        num_repeats=3 if uses_repeated_aug(args) else 1, seed=args.seed)
     return DataLoader(SeededDataset(dataset_train, skipped_errors(args)), sampler=sampler, batch_size=batch_size,
                       drop_last=True, generator=torch.Generator().manual_seed(args.seed), **loader_options(args))
 
@@ -480,6 +493,7 @@ def main(args):
         print(f'| {args.model}: {n_parameters / 1e6:.2f}M trained parameters{trained}, {len(dataset_train)} train / '
               f'{len(dataset_val)} val images, {args.nb_classes} classes, {plan}, '
               f'lr {args.lr:.3e}, amp {args.amp}', flush=True)
+        print(f'| sampler: {sampler_description(args)}', flush=True)
 
     finished = budget.over() if budget is not None else args.start_epoch >= epochs
     if finished:

@@ -1,4 +1,5 @@
 """Distributed setup, seeding, metric logging and checkpoint I/O. Imports nothing from the project."""
+import argparse
 import datetime
 import json
 import os
@@ -38,13 +39,14 @@ def is_main_process():
 
 
 def launcher_from_env(env):
-    """Which launcher started us, from the environment alone: 'submitit', 'torchrun', 'slurm' or 'single'.
+    """Which launcher started us, from the environment alone: 'submitit', 'torchrun', 'slurm' or 'single' (plain
+    python). Any of the first three is a distributed launch, whatever the world size, as in DeiT.
 
     run_with_submitit.py exports torchrun's variables from the submitit job, so both take the same path.
     """
     if 'RANK' in env and 'WORLD_SIZE' in env:
         return 'submitit' if 'SUBMITIT_EXECUTOR' in env else 'torchrun'
-    if 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
+    if 'SLURM_PROCID' in env:
         return 'slurm'
     return 'single'
 
@@ -60,16 +62,18 @@ def init_distributed_mode(args, env=None):
         args.rank, args.world_size = int(env['RANK']), int(env['WORLD_SIZE'])
         args.gpu = int(env.get('LOCAL_RANK', 0))
     elif launcher == 'slurm':
-        args.rank, args.world_size = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
+        args.rank, args.world_size = int(env['SLURM_PROCID']), int(env.get('SLURM_NTASKS', '1'))
         args.gpu = int(env.get('SLURM_LOCALID', args.rank % max(torch.cuda.device_count(), 1)))
-        env.setdefault('MASTER_ADDR', _slurm_master_addr(env))
-        env.setdefault('MASTER_PORT', '29500')
     else:
         args.rank, args.world_size, args.gpu = 0, 1, 0
-    args.distributed = args.world_size > 1
+    args.launcher, args.distributed = launcher, args.world_size > 1
     if not args.distributed:
-        print(f'| launcher: single process (rank 0 of 1, device {args.device})', flush=True)
+        how = 'python' if launcher == 'single' else launcher
+        print(f'| launcher: single process ({how}, rank 0 of 1, device {args.device})', flush=True)
         return launcher
+    if launcher == 'slurm':
+        env.setdefault('MASTER_ADDR', _slurm_master_addr(env))
+        env.setdefault('MASTER_PORT', '29500')
     if args.device.startswith('cuda'):
         torch.cuda.set_device(args.gpu)
         args.device = f'cuda:{args.gpu}'
@@ -211,11 +215,19 @@ def load_checkpoint(path, map_location='cpu'):
         except Exception as e:  # noqa: BLE001
             raise UserError(f'checkpoint {path} is not a readable safetensors file ({e})') from e
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # DeiT stores its args as a Namespace
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle / zip / EOF errors all mean "unreadable"
+        unsafe = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(e))
+        if unsafe:
+            raise UserError(f'checkpoint {path} holds a pickled {unsafe.group(1)}, which a safe (weights_only) load '
+                            'refuses; save only tensors, plain containers and argparse.Namespace in it') from e
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'checkpoint {path} is unreadable or not a safe (weights_only) torch checkpoint '
                         f'({reason[:120]}); pass a checkpoint written by torch.save') from e
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('args'), argparse.Namespace):
+        ckpt['args'] = vars(ckpt['args'])
+    return ckpt
 
 
 # ---------------------------------------------------------------- logging

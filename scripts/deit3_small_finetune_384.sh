@@ -21,7 +21,7 @@ PAPER_NPROC=8
 source "$(dirname "$0")/_recipe.sh"
 
 launch 512 --model deit3_small_patch16_384 --finetune "${FINETUNE:-runs/deit3_small_imagenet/checkpoint.pth}" \
-    --data-path "$DATA_PATH" --input-size 384 --lr 1e-5 --unscale-lr --epochs 20 --cooldown-epochs 0 \
+    --data-path "$DATA_PATH" --input-size 384 --lr 1e-5 --unscale-lr --epochs 20 \
     --weight-decay 0.1 --sched cosine --reprob 0.0 --smoothing 0.1 --warmup-epochs 5 --warmup-lr 1e-6 \
     --drop 0.0 --opt adamw --mixup 0.8 --cutmix 1.0 --drop-path 0.0 --no-repeated-aug --color-jitter 0.3 \
     --aa rand-m9-mstd0.5-inc1

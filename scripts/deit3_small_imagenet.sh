@@ -20,8 +20,8 @@ source "$(dirname "$0")/_recipe.sh"
 
 # DeiT III's recipe: LAMB (timm's, in place of apex's fusedlamb), binary cross-entropy, 3-Augment, no random
 # erasing or label smoothing, LayerScale starting at 1e-4 and the same drop-path rate in every block, as in
-# DeiT's models_v2.py. The LR is the global one (--unscale-lr); the cosine spans all epochs (--cooldown-epochs 0).
+# DeiT's models_v2.py. The LR is the global one (--unscale-lr); the cosine spans all epochs, as in DeiT.
 launch 2048 --model deit3_small_patch16_224 --data-path "$DATA_PATH" --lr 4e-3 --unscale-lr --epochs 800 \
-    --cooldown-epochs 0 --weight-decay 0.05 --sched cosine --input-size 224 --reprob 0.0 --smoothing 0.0 \
+    --weight-decay 0.05 --sched cosine --input-size 224 --reprob 0.0 --smoothing 0.0 \
     --warmup-epochs 5 --warmup-lr 1e-6 --drop 0.0 --opt lamb --mixup 0.8 --cutmix 1.0 --drop-path 0.05 \
     --constant-drop-path --layer-scale 1e-4 --repeated-aug --bce-loss --color-jitter 0.3 --ThreeAugment

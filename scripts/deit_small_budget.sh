@@ -16,4 +16,4 @@ PAPER_NPROC=8
 source "$(dirname "$0")/_recipe.sh"
 
 launch 1024 --model deit_small_patch16_224 --data-path "$DATA_PATH" --time-budget "${BUDGET_HOURS:-24}" \
-    --size-schedule 0:128,0.5:160,0.8:224 --eval-on-final-size --multisize-batch --cooldown-epochs 0
+    --size-schedule 0:128,0.5:160,0.8:224 --eval-on-final-size --multisize-batch

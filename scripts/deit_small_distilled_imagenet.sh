@@ -16,6 +16,6 @@ DEFAULT_DATA_PATH=data/imagenet
 PAPER_NPROC=4
 source "$(dirname "$0")/_recipe.sh"
 
-launch 1024 --model deit_small_distilled_patch16_224 --data-path "$DATA_PATH" --epochs 300 --cooldown-epochs 0 \
+launch 1024 --model deit_small_distilled_patch16_224 --data-path "$DATA_PATH" --epochs 300 \
     --teacher-model regnety_160 --distillation-type hard \
     --teacher-path "${TEACHER_PATH:-https://dl.fbaipublicfiles.com/deit/regnety_160-a5fbbb8b.pth}"

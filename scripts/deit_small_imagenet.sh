@@ -16,6 +16,6 @@ PAPER_NPROC=4
 source "$(dirname "$0")/_recipe.sh"
 
 # DeiT's defaults are ours (AdamW, lr 5e-4, wd 0.05, warm-up 5, RandAugment, mixup 0.8, cutmix 1.0, erasing
-# 0.25, repeated augmentation, drop path 0.1, EMA). DeiT's epoch loop ends before timm's cooldown starts, so
-# its cosine spans all 300 epochs: --cooldown-epochs 0 does the same here.
-launch 1024 --model deit_small_patch16_224 --data-path "$DATA_PATH" --epochs 300 --cooldown-epochs 0
+# 0.25, repeated augmentation, drop path 0.1, EMA). The cosine spans all 300
+# epochs, as DeiT's loop stops before timm's cool-down.
+launch 1024 --model deit_small_patch16_224 --data-path "$DATA_PATH" --epochs 300

@@ -19,8 +19,8 @@ source "$(dirname "$0")/_recipe.sh"
 # DHVT keeps DeiT's augmentation at 32 px, written out here: RandAugment, mixup 0.8, cutmix 1.0, random erasing
 # 0.25, label smoothing 0.1, repeated augmentation, drop path 0.1, EMA; a padded random crop replaces the
 # random-resized crop (our small-image pipeline does that at 32 px). Weight decay 0.05. The cosine spans all
-# 300 epochs as in DHVT's loop (--cooldown-epochs 0). --download fetches CIFAR-100 when it is missing.
+# 300 epochs, as in DHVT's loop. --download fetches CIFAR-100 when it is missing.
 launch 512 --model dhvt_tiny_patch4_32 --data-set CIFAR100 --data-path "$DATA_PATH" --download --input-size 32 \
-    --epochs 300 --warmup-epochs 5 --cooldown-epochs 0 --lr 1e-3 --weight-decay 0.05 \
+    --epochs 300 --warmup-epochs 5 --lr 1e-3 --weight-decay 0.05 \
     --aa rand-m9-mstd0.5-inc1 --mixup 0.8 --cutmix 1.0 --reprob 0.25 --smoothing 0.1 --repeated-aug \
     --drop-path 0.1 --model-ema --num_workers 8 --dist-eval

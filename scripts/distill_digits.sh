@@ -11,7 +11,7 @@ SEED=${2:-0}
 MAIN=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/main.py
 PYTHON=${PYTHON:-python}
 COMMON=(--data-set DIGITS --input-size 16 --batch-size 32 --epochs 8 --lr 1e-3 --unscale-lr --warmup-epochs 1
-        --cooldown-epochs 1 --mixup 0 --cutmix 0 --reprob 0 --aa none --hflip 0 --no-repeated-aug --drop-path 0
+        --mixup 0 --cutmix 0 --reprob 0 --aa none --hflip 0 --no-repeated-aug --drop-path 0
         --no-model-ema --num_workers 0 --seed "$SEED")
 STUDENT=deit_tiny_distilled_patch4_32
 

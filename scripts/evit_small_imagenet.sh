@@ -18,7 +18,7 @@ PAPER_NPROC=8
 source "$(dirname "$0")/_recipe.sh"
 
 # The keep rate is 1.0 for 10 epochs, then follows a cosine down to 0.7 over 100 epochs (--drop_loc keeps its
-# default, blocks 3, 6 and 9). Otherwise DeiT's defaults; the cosine spans all 300 epochs (--cooldown-epochs 0).
+# default, blocks 3, 6 and 9). Otherwise DeiT's defaults; the cosine spans all 300 epochs.
 launch 1024 --model evit_small_patch16_224 --data-path "$DATA_PATH" --input-size 224 --epochs 300 \
-    --warmup-epochs 5 --cooldown-epochs 0 --fuse_token --base_keep_rate 0.7 --shrink_start_epoch 10 \
+    --warmup-epochs 5 --fuse_token --base_keep_rate 0.7 --shrink_start_epoch 10 \
     --shrink_epochs 100 --dist-eval

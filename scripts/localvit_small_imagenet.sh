@@ -15,5 +15,5 @@ PAPER_NPROC=8
 source "$(dirname "$0")/_recipe.sh"
 
 # LocalViT trains with DeiT's code and defaults, which are ours; its epoch loop also ends before timm's
-# cooldown, so the cosine spans all 300 epochs (--cooldown-epochs 0).
-launch 1024 --model localvit_small_patch16_224 --data-path "$DATA_PATH" --epochs 300 --cooldown-epochs 0
+# cooldown, so the cosine spans all 300 epochs.
+launch 1024 --model localvit_small_patch16_224 --data-path "$DATA_PATH" --epochs 300

@@ -22,4 +22,4 @@ source "$(dirname "$0")/_recipe.sh"
 # --epochs only sets the proportions of the schedule under a budget.
 launch 64 --model deit_small_patch16_224 --data-path "$DATA_PATH" --lr 1e-3 --no-warmup --color-jitter 0.4 \
     --localvit --localvit-act hs --is-multisize --init-size 32 --epoch-step 5 --patch-step 2 --eval-on-final-size \
-    --time-budget 24 --epochs 300 --cooldown-epochs 0
+    --time-budget 24 --epochs 300

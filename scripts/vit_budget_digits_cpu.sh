@@ -11,7 +11,7 @@ SEED=${2:-0}
 MAIN=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/main.py
 PYTHON=${PYTHON:-python}
 COMMON=(--data-set DIGITS --model dhvt_digits_patch4_16 --input-size 16 --batch-size 32 --epochs 25 --lr 1e-3
-        --unscale-lr --warmup-epochs 1 --cooldown-epochs 1 --mixup 0 --cutmix 0 --reprob 0 --aa none --hflip 0
+        --unscale-lr --warmup-epochs 1 --mixup 0 --cutmix 0 --reprob 0 --aa none --hflip 0
         --no-repeated-aug --drop-path 0 --no-model-ema --num_workers 0 --seed "$SEED")
 
 "$PYTHON" "$MAIN" "${COMMON[@]}" --time-budget 0.0166667 --output_dir "$OUT/budget"

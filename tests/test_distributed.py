@@ -11,12 +11,16 @@ COMMON = TINY + ['--device', 'cpu', '--drop-path', '0', '--unscale-lr', '--dist-
 
 def test_two_ranks_match_one_process(tmp_path):
     one, two = tmp_path / 'one', tmp_path / 'two'
-    single = run_main(COMMON + ['--batch-size', '32', '--output_dir', one])
+    def torchrun(n):  # one process under torchrun uses repeated augmentation too, as in DeiT
+        return [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={n}', f'--master_port={free_port()}']
+    single = run_main(COMMON + ['--batch-size', '32', '--output_dir', one], launcher=torchrun(1))
     assert single.returncode == 0, single.stderr[-3000:]
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', free_port()]
-    dist = run_main(COMMON + ['--batch-size', '16', '--output_dir', two], launcher=[str(a) for a in launcher])
+    dist = run_main(COMMON + ['--batch-size', '16', '--output_dir', two], launcher=torchrun(2))
     assert dist.returncode == 0, dist.stdout[-2000:] + dist.stderr[-3000:]
     assert 'world size 2, backend gloo' in dist.stdout
+    assert 'launcher: single process (torchrun' in single.stdout
+    for run in (single, dist):
+        assert '| sampler: repeated augmentation (3 repeats, torchrun launch)' in run.stdout
     assert '44 updates per epoch' in single.stdout and '44 updates per epoch' in dist.stdout
 
     a = torch.load(one / 'checkpoint.pth', weights_only=True)['model']

@@ -144,7 +144,7 @@ def no_scontrol(*args, **kwargs):
 
 @pytest.mark.parametrize('env, launcher, rank, world, gpu', [
     ({}, 'single', 0, 1, 0),
-    ({'SLURM_PROCID': '0', 'SLURM_NTASKS': '1'}, 'single', 0, 1, 0),  # sbatch with one task
+    ({'SLURM_PROCID': '0', 'SLURM_NTASKS': '1'}, 'slurm', 0, 1, 0),  # sbatch with one task: no process group
     (SLURM_2x4, 'slurm', 5, 8, 1),  # srun, one task per GPU
     (dict(SLURM_2x4, **TORCHRUN), 'torchrun', 3, 4, 3),  # torchrun inside a Slurm allocation
     (dict(SLURM_2x4, SUBMITIT_EXECUTOR='slurm', **TORCHRUN), 'submitit', 3, 4, 3),
@@ -157,6 +157,7 @@ def test_init_distributed_mode_chooses_the_launcher(monkeypatch, capsys, env, la
     env = dict(env)
     assert utils.init_distributed_mode(args, env) == launcher
     assert (args.rank, args.world_size, args.gpu, args.distributed) == (rank, world, gpu, world > 1)
+    assert args.launcher == launcher
     if world == 1:
         assert not calls and '| launcher: single process' in capsys.readouterr().out
         return
