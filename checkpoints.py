@@ -1,5 +1,6 @@
 """Checkpoints of a run: what they hold, where a run resumes from, and how they are written (rank 0 only)."""
 import os
+import time
 
 import torch
 
@@ -13,11 +14,23 @@ BEST_CHECKPOINT = 'best_checkpoint.pth'
 RUN_IDENTITY = ('model', 'data_set', 'input_size', 'nb_classes')
 
 
-def run_identity(config):
-    return {k: config.get(k) for k in RUN_IDENTITY}
+def check_output_dir(path):
+    """UserError, before anything is written, when --output_dir cannot be a writable folder: it is a file, lies under
+    a file, or its nearest existing folder cannot be written."""
+    if not path:
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        under = '' if existing == os.path.abspath(path) else f' lies under {existing}, which'
+        raise UserError(f'--output_dir {path}{under} is a file, not a folder; pass a folder path')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f'--output_dir {path} cannot be written ({existing} is not writable); pass a folder you '
+                        'can write to')
 
 
-def find_resume(args):
+def find_resume(args, class_names):
     """Resume precedence: --resume, else output_dir/checkpoint.pth of this same run, else a fresh start."""
     if args.resume:
         return args.resume
@@ -28,14 +41,39 @@ def find_resume(args):
         return ''
     if args.eval:
         return path
-    config = utils.load_checkpoint(path).get('args', {})
-    if run_identity(config) == run_identity(vars(args)):
+    try:
+        ckpt = utils.load_checkpoint(path)
+    except UserError as e:
+        if not args.overwrite:
+            raise UserError(f'{e}; to start afresh, add --overwrite (the file is kept aside)') from e
+        aside = f'{path}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
+        os.replace(path, aside)
+        print(f'| --overwrite: {path} is unreadable; kept aside as {aside}, starting afresh')
+        return ''
+    config = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    difference = identity_difference(config, vars(args), ckpt.get('class_names'), class_names)
+    if not difference:
         return path
     if args.overwrite:
         print(f'| --overwrite: starting afresh; {path} will be replaced')
         return ''
-    raise UserError(f'{args.output_dir} holds the checkpoint of another run ({run_identity(config)}); '
+    raise UserError(f'{args.output_dir} holds the checkpoint of another run ({difference}); '
                     'choose another --output_dir, pass --resume to continue that run, or add --overwrite')
+
+
+def identity_difference(saved, current, saved_classes, classes):
+    """What makes a checkpoint another run's: the first differing identity entry or class names; '' if none."""
+    for key in RUN_IDENTITY:
+        if saved.get(key) != current.get(key):
+            return f'{key} {saved.get(key)!r} there, {current.get(key)!r} here'
+    return class_names_difference(saved_classes, classes)
+
+
+def class_names_difference(saved, current):
+    if saved is None or list(saved) == list(current):
+        return ''
+    pairs = [(a, b) for a, b in zip(saved, current) if a != b][:3]
+    return 'other class names: ' + ', '.join(f'{a!r} there, {b!r} here' for a, b in pairs)
 
 
 def load_model_state(model, state, path):
@@ -48,16 +86,23 @@ def load_model_state(model, state, path):
                         'pass the --model and data set it was trained with') from e
 
 
-def resume(args, path, model, train_state, model_ema):
+def resume(args, path, model, train_state, model_ema, class_names):
     """Restore everything a checkpoint holds.
 
     Returns (start_epoch, start_step, max_accuracy, epoch_metrics, elapsed_seconds of the run clock).
     """
     ckpt = utils.load_checkpoint(path)
-    load_model_state(model, ckpt.get('model', ckpt), path)
+    load_model_state(model, utils.model_weights(ckpt, path), path)
     if args.eval or 'optimizer' not in ckpt:
         print(f'| loaded weights from {path}')
         return args.start_epoch, 0, 0.0, None, 0.0
+    if not isinstance(ckpt.get('epoch'), int):
+        raise UserError(f'checkpoint {path} has an optimizer state but no epoch number; pass --finetune {path} '
+                        'to start a new run from its weights')
+    difference = class_names_difference(ckpt.get('class_names'), class_names)
+    if difference:
+        raise UserError(f'checkpoint {path} was trained on {difference}; pass --finetune {path} to train its '
+                        'weights on this data set')
     train_state.optimizer.load_state_dict(ckpt['optimizer'])
     # The LR is a function of the update count and this run's flags, so the saved scheduler state is kept for
     # the record but not restored: a resume with a longer --epochs stretches the schedule to the new length.

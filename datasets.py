@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -55,12 +56,14 @@ def load_rgb(path, data=None):
 
     data: the file's bytes when they were read elsewhere (an LMDB); `path` then only names the image in errors.
     """
+    if data is None and not os.path.isfile(path):  # a named pipe would block open() forever
+        raise BadImageError(f'unreadable image {path} (not a regular file); remove it or pass --skip-bad-images')
     try:
         with (open(path, 'rb') if data is None else io.BytesIO(data)) as f:
             img = Image.open(f)
             img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImageError(f'unreadable image {path} ({type(e).__name__}: {str(e)[:80]}); '
+        raise BadImageError(f'unreadable image {path} ({type(e).__name__}: {_reason(e)}); '
                             'remove or replace it, or pass --skip-bad-images') from e
     if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
         arr = np.asarray(img, dtype=np.float64)
@@ -74,6 +77,12 @@ def load_rgb(path, data=None):
     return img.convert('RGB')
 
 
+def _reason(error):
+    """PIL's message without the file object it quotes (the path is named already), on one line."""
+    text = re.sub(r'<_io\.\w+ name=[^>]*>', 'the file', str(error)) or 'empty file'
+    return ' '.join(text.split())[:120]
+
+
 def _image_folder(is_train, args, transform):
     if args.use_lmdb:
         from lmdb_dataset import LMDBDataset  # imported here: only --use-lmdb needs the lmdb package
@@ -85,12 +94,55 @@ def _image_folder(is_train, args, transform):
     other = os.path.join(root, 'val' if is_train else 'train')
     _require_folder(other, f'{args.data_set} split', 'a train/ and a val/ folder with one sub-folder per class')
     check_same_classes(_class_folders(os.path.join(root, 'train')), _class_folders(os.path.join(root, 'val')))
-    try:
-        dataset = datasets.ImageFolder(split, transform=transform, loader=load_rgb,
-                                       is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
-    except FileNotFoundError as e:
-        raise UserError(f'{split}: {e}; put at least one JPEG or PNG image in every class folder') from e
+    dataset = ImageFolder(split, transform=transform, loader=load_rgb)
     return dataset, dataset.classes
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder over a safe walk of each class folder (see scan_class_folder); `skipped` names
+    what the walk left out."""
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples, self.skipped = [], []
+        for name in sorted(class_to_idx):
+            files, skipped = scan_class_folder(os.path.join(directory, name))
+            if not files:
+                raise UserError(f'{os.path.join(directory, name)} holds no image files; put at least one JPEG or '
+                                'PNG image in every class folder')
+            samples += [(path, class_to_idx[name]) for path in files]
+            self.skipped += skipped
+        return samples
+
+
+def scan_class_folder(folder):
+    """(image paths, skipped entries) under one class folder, sorted.
+
+    Only regular files, or links to them, with an image extension are taken, each real file once. Links to folders
+    are followed only when they stay inside the class folder and lead somewhere not walked yet, so a link loop
+    (`loop -> .`) or a link out of the class (`up -> ..`) neither repeats images nor files them under this class.
+    """
+    top = os.path.realpath(folder)
+    walked, seen, files, skipped = set(), set(), [], []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        walked.add(os.path.realpath(dirpath))
+        for name in list(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real in walked or os.path.commonpath([top, real]) != top:
+                dirnames.remove(name)
+                skipped.append(f'{os.path.join(dirpath, name)} (a link out of the class folder or into one walked)')
+            else:
+                walked.add(real)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            real = os.path.realpath(path)
+            if not os.path.isfile(path):
+                skipped.append(f'{path} (not a regular file)')
+            elif real not in seen:
+                seen.add(real)
+                files.append(path)
+    return sorted(files), skipped
 
 
 def _class_folders(split):

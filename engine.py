@@ -63,7 +63,8 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
     window_start, window_images, stopped = time.time(), 0, False
     epoch_start = time.time()
     optimizer.zero_grad(set_to_none=True)
-    for i, (samples, targets) in enumerate(loader):
+    for i, batch in enumerate(loader):
+        samples, targets = batch[0], batch[1]
         if i >= num_micro:
             break
         micro, update = i % accum, start_step + i // accum
@@ -99,7 +100,8 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
                 continue
             state.scaler.scale(loss / accum).backward()
         metrics.update(loss=loss_value, n=batch_size)
-        metrics.update(n=0, skipped_images=state.batch_size - batch_size)
+        if len(batch) > 2:  # --skip-bad-images: how many unreadable images each sample's loader passed over
+            metrics.update(n=0, skipped_images=int(batch[2].sum()))
         window_images += batch_size
         if not is_last_micro:
             continue
@@ -156,7 +158,12 @@ def evaluate(loader, model, device, amp_dtype=None, distributed=False, prefix=''
     """
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
-    for images, targets in loader:
+    sampler = getattr(loader, 'sampler', None)
+    expected = float(len(sampler)) if sampler is not None else None
+    for batch in loader:
+        if batch is None:  # --skip-bad-images: every image of the batch was unreadable
+            continue
+        images, targets = batch
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -168,13 +175,17 @@ def evaluate(loader, model, device, amp_dtype=None, distributed=False, prefix=''
         correct1 += hits[:, :1].sum().item()
         correct5 += hits.sum().item()
         count += images.shape[0]
+    expected = count if expected is None else expected
     if distributed:
-        loss_sum, correct1, correct5, count = utils.all_reduce_sum([loss_sum, correct1, correct5, count], device)
+        loss_sum, correct1, correct5, count, expected = utils.all_reduce_sum(
+            [loss_sum, correct1, correct5, count, expected], device)
+    skipped = int(expected - count)
     count = max(count, 1)
     stats = {'acc1': 100.0 * correct1 / count, 'acc5': 100.0 * correct5 / count, 'loss': loss_sum / count,
-             'images': int(count)}
+             'images': int(count), 'skipped_images': skipped}
     if utils.is_main_process():
-        print(f'{prefix}* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}',
+        note = f' ({skipped} unreadable images skipped, not counted)' if skipped else ''
+        print(f'{prefix}* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}{note}',
               flush=True)
     return stats
 

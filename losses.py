@@ -3,7 +3,7 @@ import timm
 import torch
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from utils import UserError, load_checkpoint
+from utils import UserError, load_checkpoint, model_weights
 
 
 def build_base_criterion(mixup_active, smoothing, bce_loss):
@@ -91,8 +91,7 @@ def build_teacher(name, path, num_classes, input_size, device):
                         '(and --teacher-model NAME)')
     if not timm.is_model(name):
         raise UserError(f'unknown --teacher-model {name}; pass a timm model name or one of ours')
-    state = load_checkpoint(path)
-    state = state.get('model', state)
+    state = model_weights(load_checkpoint(path), path)
     teacher = _create_at_size(name, num_classes, input_size)
     _check_teacher_classes(teacher, state, path, num_classes)
     try:

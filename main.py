@@ -2,6 +2,7 @@
 import argparse
 import math
 import os
+import re
 import sys
 
 import torch
@@ -18,8 +19,10 @@ import model_factory
 import schedules
 import utils
 import visualize
-from checkpoints import BEST_CHECKPOINT, CHECKPOINT, CheckpointWriter, find_resume, resume
+
+from checkpoints import BEST_CHECKPOINT, CHECKPOINT, CheckpointWriter, check_output_dir, find_resume, resume
 from datasets import DATASET_ALIASES, DATASETS, BadImageError, build_dataset, build_transform, resolve_data_set
+from flag_ranges import check_flag_ranges
 from samplers import EvalSampler, RASampler, SeededDataset, collate_skipping_none
 from utils import UserError
 
@@ -236,7 +239,8 @@ def amp_dtype(args):
 
 def loader_options(args):
     options = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith('cuda'),
-                   persistent_workers=args.num_workers > 0, collate_fn=collate_skipping_none)
+                   persistent_workers=args.num_workers > 0, collate_fn=collate_skipping_none,
+                   worker_init_fn=utils.ignore_stop_signals)
     if args.num_workers > 0:
         options['prefetch_factor'] = 4
     return options
@@ -262,7 +266,7 @@ def sampler_description(args):
 def build_train_loader(args, dataset_train, batch_size):
     sampler = RASampler(len(dataset_train), utils.get_world_size(), utils.get_rank(), shuffle=True,
                         num_repeats=3 if uses_repeated_aug(args) else 1, seed=args.seed)
-    return DataLoader(SeededDataset(dataset_train, skipped_errors(args)), sampler=sampler, batch_size=batch_size,
+    return DataLoader(SeededDataset(dataset_train, skipped_errors(args), refill=True), sampler=sampler, batch_size=batch_size,
                       drop_last=True, generator=torch.Generator().manual_seed(args.seed), **loader_options(args))
 
 
@@ -403,9 +407,19 @@ def log_epoch(args, writer, stats):
     writer.flush()
 
 
+def report_skipped_files(*splits):
+    for dataset in splits:
+        skipped = getattr(dataset, 'skipped', [])
+        if skipped and utils.is_main_process():
+            more = f' and {len(skipped) - 5} more' if len(skipped) > 5 else ''
+            print(f'| {dataset.root}: skipped {"; ".join(skipped[:5])}{more}', flush=True)
+
+
 # ---------------------------------------------------------------- main
 
 def main(args):
+    check_output_dir(args.output_dir)
+    utils.end_workers_at_exit()
     resolve_device(args)
     utils.init_distributed_mode(args)
     device = torch.device(args.device)
@@ -414,6 +428,7 @@ def main(args):
 
     dataset_train, class_names = build_dataset(True, args)
     dataset_val, _ = build_dataset(False, args)
+    report_skipped_files(dataset_train, dataset_val)
     args.nb_classes = len(class_names)
     model = model_factory.build_model(args)
     if args.finetune:
@@ -450,11 +465,17 @@ def main(args):
         if args.only_test_speed:
             return
 
-    resume_path = find_resume(args)
+    resume_path = find_resume(args, class_names)
     start_step, max_accuracy, start_metrics, elapsed = 0, 0.0, None, 0.0
     if resume_path:
         args.start_epoch, start_step, max_accuracy, start_metrics, elapsed = resume(
-            args, resume_path, model, train_state, model_ema)
+            args, resume_path, model, train_state, model_ema, class_names)
+    elif not args.eval and not args.time_budget and args.start_epoch >= run_epochs(args):
+        raise UserError(f'--start_epoch {args.start_epoch} leaves nothing to train in --epochs {args.epochs} and '
+                        'there is no checkpoint to resume; lower --start_epoch or raise --epochs')
+    if args.eval and not (resume_path or args.finetune):
+        raise UserError('--eval needs weights to score, and there is no checkpoint: pass --resume FILE, an '
+                        '--output_dir that holds checkpoint.pth, or --finetune FILE')
 
     train_model = model
     if args.distributed:
@@ -471,8 +492,12 @@ def main(args):
         return
 
     if args.output_dir and utils.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-        utils.remove_stale_temp_files(args.output_dir)
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f'--output_dir {args.output_dir} cannot be created ({e.strerror}); pass a folder you can '
+                            'write to') from e
+        utils.remove_stale_temp_files(args.output_dir, (CHECKPOINT, BEST_CHECKPOINT))
     tb_writer = start_log(args, resume_path)
     clock = schedules.Clock(offset=elapsed)
     budget = schedules.Budget(args.time_budget, clock) if args.time_budget else None
@@ -563,7 +588,7 @@ def evaluate_and_save(args, model, model_ema, loader_val, eval_kwargs, checkpoin
     Returns the epoch's log entries so far."""
     test_stats = engine.evaluate(loader_val, model, **eval_kwargs)
     stats = {'test_loss': test_stats['loss'], 'test_acc1': test_stats['acc1'], 'test_acc5': test_stats['acc5'],
-             'epoch': epoch}
+             'epoch': epoch, 'skipped_val_images': test_stats['skipped_images']}
     if model_ema is not None:
         stats['test_ema_acc1'] = engine.evaluate(loader_val, model_ema.module, prefix='EMA ', **eval_kwargs)['acc1']
     is_best = test_stats['acc1'] > best[0]
@@ -581,14 +606,18 @@ def evaluate_and_save(args, model, model_ema, loader_val, eval_kwargs, checkpoin
 
 
 def one_line(error):
-    """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback (whose last
+    line starts with the exception's qualified name, as in 'datasets.BadImageError: unreadable image ...')."""
     last = [line for line in str(error).strip().splitlines() if line.strip()][-1]
-    return last.split('Error: ', 1)[1] if last.split(':', 1)[0].endswith('Error') else last
+    match = re.match(r'[A-Za-z_][\w.]*(?:Error|Exception): (.*)', last)
+    return match.group(1) if match else last
 
 
 def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     try:
+        check_flag_ranges(args, parser)
         main(args)
     except UserError as e:
         print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
@@ -596,6 +625,9 @@ def cli(argv=None):
     except engine.NonFiniteLossError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # before training starts; once it has, Ctrl-C saves and stops (utils.StopSignal)
+        print('interrupted before training started; nothing was saved', file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()

@@ -177,8 +177,7 @@ def train_class_head_only(model, args):
 
 def load_finetune_weights(model, path):
     """Start from another run's weights: drop a head of another class count, resize the position embedding."""
-    state = utils.load_checkpoint(path)
-    state = state.get('model', state)
+    state = dict(utils.model_weights(utils.load_checkpoint(path), path))
     own = model.state_dict()
     for key in [k for k in state if k.startswith(('head.', 'head_dist.'))]:
         if key in own and state[key].shape != own[key].shape:

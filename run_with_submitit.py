@@ -18,6 +18,8 @@ import torch
 
 import main as training
 import utils
+from flag_ranges import check_flag_ranges
+from utils import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -154,10 +156,12 @@ class Trainer:
 
 
 def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     try:
+        check_flag_ranges(args, parser)
         job = submit(args)
-    except ValueError as e:
+    except (ValueError, UserError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     print(f'submitted job {job.job_id}: logs in {job.paths.folder}, checkpoints in '

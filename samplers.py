@@ -81,25 +81,34 @@ class SeededDataset(Dataset):
     index is loaded as it is.
 
     Python's and torch's global RNG states are restored afterwards, so loading in the main process
-    (num_workers=0) does not disturb the training RNG. Exceptions of the types in `skip` turn the sample
-    into None, which collate_skipping_none drops from its batch.
+    (num_workers=0) does not disturb the training RNG. Exceptions of the types in `skip` are handled in one of two
+    ways. With `refill` (training), the next items of the dataset are tried in turn under the same seed, and the
+    sample becomes (image, target, number of items skipped): batches keep their size, which Mixup and DDP need.
+    Without it (evaluation), the sample becomes None, which collate_skipping_none drops from its batch.
     """
 
-    def __init__(self, dataset, skip=()):
-        self.dataset, self.skip = dataset, tuple(skip)
+    def __init__(self, dataset, skip=(), refill=False):
+        self.dataset, self.skip, self.refill = dataset, tuple(skip), refill and bool(skip)
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        try:
-            if not isinstance(item, tuple):
-                return self.dataset[item]
-            return self._seeded(*item)
-        except self.skip:
-            return None
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        tries = len(self.dataset) if self.refill else 1
+        for skipped in range(tries):
+            try:
+                sample = self._load((index + skipped) % len(self.dataset), seed)
+            except self.skip:
+                if not self.refill:
+                    return None
+                continue
+            return (*sample, skipped) if self.refill else sample
+        raise self.skip[0](f'none of the {tries} items of the dataset could be read; check the data')
 
-    def _seeded(self, index, seed):
+    def _load(self, index, seed):
+        if seed is None:
+            return self.dataset[index]
         py_state = random.getstate()
         try:
             with torch.random.fork_rng(devices=[]):
@@ -111,4 +120,6 @@ class SeededDataset(Dataset):
 
 
 def collate_skipping_none(batch):
-    return default_collate([sample for sample in batch if sample is not None])
+    """default_collate over the samples that are not None; None when none is left."""
+    kept = [sample for sample in batch if sample is not None]
+    return default_collate(kept) if kept else None

@@ -1,7 +1,9 @@
 """Distributed setup, seeding, metric logging and checkpoint I/O. Imports nothing from the project."""
 import argparse
+import atexit
 import datetime
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -109,10 +111,14 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
-class StopSignal:
-    """First SIGTERM / SIGUSR1: checkpoint at the next step boundary and exit cleanly. Second: exit at once."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+
+class StopSignal:
+    """First SIGTERM / SIGUSR1 / SIGINT (Ctrl-C): checkpoint at the next step boundary and exit cleanly. Second:
+    exit at once."""
+
+    def __init__(self, signals=STOP_SIGNALS):
         self.requested = False
         for sig in signals:
             signal.signal(sig, self._handle)
@@ -131,6 +137,23 @@ class StopSignal:
         if is_dist_avail_and_initialized():
             flag = all_reduce_sum([flag], device)[0]
         return flag > 0
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker_init_fn: leave the stop signals to the main process, which saves at the next update and
+    shuts the workers down. A signal sent to the whole process group (Slurm, systemd, Ctrl-C) reaches them too."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def end_workers_at_exit():
+    """Workers ignore SIGTERM, so multiprocessing's own exit handler (SIGTERM, then join) would wait for workers a
+    failed run left running forever: end them first. Handlers run last-registered first, so this one goes before."""
+    def end_workers():
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join()
+    atexit.register(end_workers)
 
 
 # ---------------------------------------------------------------- seeding and RNG state
@@ -190,11 +213,13 @@ def save_checkpoint(obj, path):
         os.close(dir_fd)
 
 
-def remove_stale_temp_files(folder):
-    """Delete temporary checkpoint files a killed process left behind (never a finished checkpoint)."""
-    for name in os.listdir(folder):
-        if name.startswith('.') and '.tmp.' in name:
-            os.remove(os.path.join(folder, name))
+def remove_stale_temp_files(folder, names):
+    """Delete the temporary files save_checkpoint() made for `names` that a killed process left behind: regular files
+    named exactly '.NAME.tmp.PID', nothing else."""
+    pattern = re.compile('|'.join(rf'\.{re.escape(name)}\.tmp\.\d+' for name in names))
+    for entry in os.scandir(folder):
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            os.remove(entry.path)
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -225,9 +250,27 @@ def load_checkpoint(path, map_location='cpu'):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'checkpoint {path} is unreadable or not a safe (weights_only) torch checkpoint '
                         f'({reason[:120]}); pass a checkpoint written by torch.save') from e
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('args'), argparse.Namespace):
+    if not isinstance(ckpt, dict):
+        raise UserError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a dict of weights; pass a checkpoint '
+                        'written by main.py or DeiT, or torch.save(model.state_dict())')
+    if isinstance(ckpt.get('args'), argparse.Namespace):
         ckpt['args'] = vars(ckpt['args'])
     return ckpt
+
+
+def model_weights(ckpt, path):
+    """The model state dict of a loaded checkpoint: its 'model' entry (ours, DeiT's), or the file itself when it is
+    a plain state dict."""
+    state = ckpt.get('model', ckpt)
+    if not isinstance(state, dict) or not state:
+        raise UserError(f'checkpoint {path} holds no model weights (its \'model\' entry is '
+                        f'{type(state).__name__}); pass a checkpoint with a model state dict')
+    odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        where = 'its \'model\' entry' if 'model' in ckpt else 'it has no \'model\' entry and'
+        raise UserError(f'checkpoint {path} holds no model weights ({where} {odd!r} is a '
+                        f'{type(state[odd]).__name__}, not a tensor); pass a checkpoint with a model state dict')
+    return state
 
 
 # ---------------------------------------------------------------- logging

@@ -68,16 +68,16 @@ def _from_checkpoint(path, model_name, ema):
     ckpt = utils.load_checkpoint(path)
     state = _state_dict(ckpt, path, ema)
     args = training.get_args_parser().parse_args([])
-    vars(args).update(ckpt.get('args', {}))
-    trained_as = ckpt.get('args', {}).get('model')
+    vars(args).update((ckpt.get('args') or {}))
+    trained_as = (ckpt.get('args') or {}).get('model')
     if trained_as and model_name and model_name != trained_as:
         raise ValueError(f'{path} holds a {trained_as}, not a {model_name}; drop --model or pass --model {trained_as}')
     if not (trained_as or model_name):
         raise ValueError(f'{path} does not name its model; pass --model NAME')
     args.model = trained_as or model_name
-    if 'nb_classes' not in ckpt.get('args', {}):
+    if 'nb_classes' not in (ckpt.get('args') or {}):
         args.nb_classes = _num_classes(state, args.model)
-    if 'input_size' not in ckpt.get('args', {}):
+    if 'input_size' not in (ckpt.get('args') or {}):
         args.input_size = timm.get_pretrained_cfg_value(args.model, 'input_size')[-1]
     model = model_factory.build_model(args)
     try:

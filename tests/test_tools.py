@@ -254,7 +254,10 @@ def test_keep_mask_pictures_need_an_evit_model(tmp_path):
 
 
 def test_main_visualize_mask_under_eval(tmp_path):
+    weights = tmp_path / 'weights.pth'  # --eval needs weights to score: a plain state dict will do
+    torch.save(timm.create_model('evit_micro_patch2_16', num_classes=10, img_size=16).state_dict(), weights)
     out = run_main(['--model', 'evit_micro_patch2_16', '--input-size', '16', '--eval', '--visualize_mask',
-                    '--n_visualization', '2', '--output_dir', tmp_path, '--num_workers', '0', '--device', 'cpu'])
+                    '--n_visualization', '2', '--output_dir', tmp_path, '--num_workers', '0', '--device', 'cpu',
+                    '--resume', weights])
     assert out.returncode == 0, out.stderr
     assert sorted(os.listdir(tmp_path / 'masks')) == ['0000.png', '0001.png']
