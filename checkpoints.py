@@ -127,9 +127,27 @@ def scaler_state(scaler):
 class CheckpointWriter:
     """Builds checkpoint dicts and writes them (rank 0 only), honouring --on-save-error."""
 
-    def __init__(self, args, model, train_state, model_ema, class_names, clock):
+    def __init__(self, args, model, train_state, model_ema, class_names, clock, max_accuracy=0.0):
         self.args, self.model, self.state, self.ema, self.class_names = args, model, train_state, model_ema, class_names
-        self.clock = clock
+        self.clock, self.best = clock, max_accuracy
+        self.last = {}  # where the last mid-epoch checkpoint was taken: updates done, metric sums, signalled
+
+    def save_mid_epoch(self, epoch, done, metrics, signalled):
+        """Checkpoint `done` updates into `epoch` (--save-every, a stop signal or the budget's deadline)."""
+        self.last = {'done': done, 'metrics': metrics, 'signalled': signalled}
+        self.write(self.build(epoch - 1, done, self.best, metrics), CHECKPOINT)
+
+    def save_epoch_end(self, epoch, acc1, stopped):
+        """Checkpoint after an epoch's evaluation (or where the budget stopped it), and best_checkpoint.pth when
+        `acc1` is the best so far. Returns the best accuracy."""
+        is_best = acc1 > self.best
+        self.best = max(self.best, acc1)
+        if stopped:
+            ckpt = self.build(epoch - 1, self.last['done'], self.best, self.last['metrics'])
+        else:
+            ckpt = self.build(epoch, 0, self.best)
+        self.write(ckpt, CHECKPOINT, *([BEST_CHECKPOINT] if is_best else []))
+        return self.best
 
     def build(self, epoch, step_in_epoch, max_accuracy, epoch_metrics=None):
         """epoch: the last completed epoch (DeiT's meaning); step_in_epoch: updates done in epoch + 1."""

@@ -1,8 +1,6 @@
 """build_dataset(): the datasets behind --data-set; build_transform(): DeiT, 3-Augment and small-image pipelines."""
-import io
 import json
 import os
-import re
 
 import numpy as np
 import torch
@@ -10,6 +8,7 @@ from PIL import Image, ImageFilter, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import datasets, transforms
 
+from images import BadImageError, load_rgb  # noqa: F401 - BadImageError: part of this module's interface
 from utils import UserError
 
 DATASETS = ('IMNET', 'FOLDER', 'CIFAR10', 'CIFAR100', 'INAT18', 'INAT19', 'LIST', 'DIGITS', 'FAKE')
@@ -43,44 +42,6 @@ def check_same_classes(train_classes, val_classes):
         only_val = sorted(set(val_classes) - set(train_classes))[:5]
         raise UserError(f'train and val classes differ (only in train: {only_train}, only in val: {only_val}); '
                         'give both splits the same class folders')
-
-
-# ---------------------------------------------------------------- image loading
-
-class BadImageError(UserError):
-    """An image file that cannot be decoded."""
-
-
-def load_rgb(path, data=None):
-    """Open any common image as 8-bit RGB: grayscale, palette, CMYK, 16-bit and alpha images are converted.
-
-    data: the file's bytes when they were read elsewhere (an LMDB); `path` then only names the image in errors.
-    """
-    if data is None and not os.path.isfile(path):  # a named pipe would block open() forever
-        raise BadImageError(f'unreadable image {path} (not a regular file); remove it or pass --skip-bad-images')
-    try:
-        with (open(path, 'rb') if data is None else io.BytesIO(data)) as f:
-            img = Image.open(f)
-            img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImageError(f'unreadable image {path} ({type(e).__name__}: {_reason(e)}); '
-                            'remove or replace it, or pass --skip-bad-images') from e
-    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8), 'L')
-    if img.mode == 'P' and 'transparency' in img.info:
-        img = img.convert('RGBA')
-    if img.mode in ('RGBA', 'LA', 'PA'):
-        background = Image.new('RGBA', img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img.convert('RGBA'))
-    return img.convert('RGB')
-
-
-def _reason(error):
-    """PIL's message without the file object it quotes (the path is named already), on one line."""
-    text = re.sub(r'<_io\.\w+ name=[^>]*>', 'the file', str(error)) or 'empty file'
-    return ' '.join(text.split())[:120]
 
 
 def _image_folder(is_train, args, transform):

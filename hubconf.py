@@ -14,7 +14,7 @@ dependencies = ['torch', 'timm']
 
 # timm records the name of the module that registered each model; 'deit' is timm's own DeiT / DeiT III module,
 # whose cfgs point at the facebookresearch/deit weights.
-_MODULES = ('models', 'localvit', 'dhvt', 'evit', 'patchconvnet', 'deit')
+_MODULES = ('models', 'localvit_models', 'dhvt_models', 'evit_models', 'patchconvnet_models', 'deit')
 
 
 def _create(name, pretrained, checkpoint_path, kwargs):

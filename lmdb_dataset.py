@@ -12,7 +12,7 @@ import struct
 import lmdb
 import torch
 
-from datasets import load_rgb
+from images import load_rgb
 from utils import UserError
 
 FORMAT_VERSION = 1

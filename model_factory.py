@@ -7,8 +7,8 @@ import math
 import timm
 from timm.layers import DropPath, resample_abs_pos_embed
 
-import evit
-import localvit
+import evit_models
+import localvit_models
 import losses
 import models  # registers our model families in timm
 import utils
@@ -25,11 +25,11 @@ def model_options(args):
             raise UserError(f'--localvit turns a DeiT / ViT into the improved LocalViT; {args.model} already is a '
                             'LocalViT: drop --localvit or pick a deit_* / vit_* model')
         act = args.localvit_act or 'hs'
-        if act not in localvit.IMPROVED_LOCALVIT_ACTS:
+        if act not in localvit_models.IMPROVED_LOCALVIT_ACTS:
             raise UserError(f'--localvit-act {act} is not available with --localvit; '
-                            f'choose one of {", ".join(localvit.IMPROVED_LOCALVIT_ACTS)}')
+                            f'choose one of {", ".join(localvit_models.IMPROVED_LOCALVIT_ACTS)}')
         prefix = 2 if 'distilled' in args.model else 1
-        options.update(localvit.improved_localvit_options(act=act, num_prefix_tokens=prefix))
+        options.update(localvit_models.improved_localvit_options(act=act, num_prefix_tokens=prefix))
     elif args.localvit_act is not None:
         if not args.model.startswith('localvit_'):
             raise UserError(f'--localvit-act applies to localvit_* models or with --localvit; {args.model} is neither')
@@ -43,7 +43,7 @@ def model_options(args):
 
 
 def is_evit(name):
-    return timm.is_model(name) and timm.models.get_arch_name(name) in timm.list_models(module='evit')
+    return timm.is_model(name) and timm.models.get_arch_name(name) in timm.list_models(module='evit_models')
 
 
 def evit_options(args):
@@ -76,7 +76,7 @@ def keep_rate_schedule(args, models_to_set, updates_per_epoch):
     base = args.base_keep_rate or min(models_to_set[0].keep_rates)
 
     def set_rate(step):
-        rate = evit.keep_rate_at(step, updates_per_epoch, base, args.shrink_start_epoch, args.shrink_epochs)
+        rate = evit_models.keep_rate_at(step, updates_per_epoch, base, args.shrink_start_epoch, args.shrink_epochs)
         for m in models_to_set:
             m.set_keep_rate(rate)
     return set_rate
@@ -132,7 +132,7 @@ def build_model(args):
         raise UserError(f'--input-size {args.input_size} is not a multiple of {args.model}\'s patch size '
                         f'{patch[0]}; pass a multiple such as {args.input_size // patch[0] * patch[0] or patch[0]}')
     if args.localvit:
-        localvit.init_like_24h_code(model)
+        localvit_models.init_like_24h_code(model)
     if args.constant_drop_path and args.drop_path > 0:
         constant_drop_path(model, args.drop_path, args.model)
     return model

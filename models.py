@@ -11,10 +11,10 @@ from timm.layers import PatchEmbed, to_2tuple
 from timm.models import (VisionTransformer, VisionTransformerDistilled, build_model_with_cfg, generate_default_cfgs,
                          register_model)
 
-import dhvt  # noqa: F401 - each family module registers its models in timm on import
-import evit  # noqa: F401
-import localvit  # noqa: F401
-import patchconvnet  # noqa: F401
+import dhvt_models  # noqa: F401 - each family module registers its models in timm on import
+import evit_models  # noqa: F401
+import localvit_models  # noqa: F401
+import patchconvnet_models  # noqa: F401
 
 # timm's DeiTs as published: name -> (params in millions, GMACs at 224 px); scripts/model_table.py checks them
 PAPER_FIGURES = {

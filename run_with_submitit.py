@@ -18,7 +18,7 @@ import torch
 
 import main as training
 import utils
-from flag_ranges import check_flag_ranges
+from flags import check_flag_ranges
 from utils import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -157,8 +157,8 @@ class Trainer:
 
 def cli(argv=None):
     parser = get_args_parser()
-    args = parser.parse_args(argv)
     try:
+        args = training.parse_args(argv, parser)
         check_flag_ranges(args, parser)
         job = submit(args)
     except (ValueError, UserError) as e:

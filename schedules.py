@@ -6,6 +6,7 @@ schedule are both functions of it, so a budgeted run anneals to --min-lr exactly
 """
 import math
 import time
+from typing import NamedTuple
 
 
 class Clock:
@@ -118,3 +119,42 @@ def paper_multisize_schedule(init_size, epoch_step, patch_step, final_size):
 def batch_for_size(batch_size, size, final_size):
     """--multisize-batch: the same pixels per batch at every size (batch x (final / size)^2, rounded down)."""
     return max(1, math.floor(batch_size * (final_size / size) ** 2))
+
+
+class Stage(NamedTuple):
+    size: int  # training resolution
+    batch: int  # images per process per micro-step
+    eval_size: int
+
+
+class RunPlan:
+    """What each epoch trains at, and when the run is over: after `epochs`, or at the budget's deadline.
+
+    sizes: a SizeSchedule for multi-size training, or None; multisize_batch keeps pixels per batch constant;
+    eval_on_final_size evaluates at `input_size` rather than at the training size.
+    """
+
+    def __init__(self, epochs, input_size, batch_size, sizes=None, budget=None, multisize_batch=False,
+                 eval_on_final_size=False):
+        self.epochs, self.input_size, self.batch_size = epochs, input_size, batch_size
+        self.sizes, self.budget = sizes, budget
+        self.multisize_batch, self.eval_on_final_size = multisize_batch, eval_on_final_size
+        self.epoch_progress = EpochProgress(epochs)
+
+    def epoch_started(self, epoch, updates_in_epoch):
+        self.epoch_progress.start_epoch(epoch, updates_in_epoch, epoch * updates_in_epoch)
+
+    def lr_progress(self, global_update):
+        """Fraction of the run done at an update: of the budget's time, or of the epochs."""
+        return self.budget.progress() if self.budget is not None else self.epoch_progress(global_update)
+
+    def over(self, epoch):
+        return self.budget.over() if self.budget is not None else epoch >= self.epochs
+
+    def stage(self, epoch):
+        if self.sizes is None:
+            return Stage(self.input_size, self.batch_size, self.input_size)
+        size = self.sizes.size_at(epoch, self.budget.progress() if self.budget else epoch / self.epochs)
+        batch = batch_for_size(self.batch_size, size, self.sizes.final_size) if self.multisize_batch \
+            else self.batch_size
+        return Stage(size, batch, self.input_size if self.eval_on_final_size else size)

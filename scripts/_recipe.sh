@@ -1,4 +1,5 @@
 # Shared by the recipes (sourced, not run): reads the data path and output dir, then `launch GLOBAL_BATCH FLAGS`
+# (FLAGS: -c "$CONFIGS/recipe.yaml" and what the launcher adds)
 # runs main.py on NPROC processes with GLOBAL_BATCH / NPROC images each, so the global batch (and the scaled
 # learning rate) stays the paper's on any number of GPUs.
 #
@@ -11,6 +12,7 @@ OUTPUT_DIR=${2:-${OUTPUT_DIR:-runs/$(basename "$0" .sh)}}
 EXTRA_FLAGS=("${@:3}")
 NPROC=${NPROC:-$PAPER_NPROC}
 MAIN=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/main.py
+CONFIGS=$(cd "$(dirname "${BASH_SOURCE[0]}")/../configs" && pwd)
 
 launch() {
     local global_batch=$1

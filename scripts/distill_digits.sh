@@ -4,15 +4,14 @@
 #
 #   scripts/distill_digits.sh [OUTPUT_DIR [SEED]]      (default runs/distill_digits, seed 0)
 #
-# Hardware: a 2-core CPU. What it printed for seeds 0-2 (OMP_NUM_THREADS=2) is in README ("Distillation").
+# Hardware: a 2-core CPU. What it printed for seeds 0-2 (OMP_NUM_THREADS=2) is in docs/deit.md.
 set -euo pipefail
 OUT=${1:-runs/distill_digits}
 SEED=${2:-0}
-MAIN=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/main.py
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MAIN=$ROOT/main.py
 PYTHON=${PYTHON:-python}
-COMMON=(--data-set DIGITS --input-size 16 --batch-size 32 --epochs 8 --lr 1e-3 --unscale-lr --warmup-epochs 1
-        --mixup 0 --cutmix 0 --reprob 0 --aa none --hflip 0 --no-repeated-aug --drop-path 0
-        --no-model-ema --num_workers 0 --seed "$SEED")
+COMMON=(-c "$ROOT/configs/digits_dhvt.yaml" --seed "$SEED")  # the quick start's recipe; the students change --model
 STUDENT=deit_tiny_distilled_patch4_32
 
 "$PYTHON" "$MAIN" "${COMMON[@]}" --model dhvt_digits_patch4_16 --output_dir "$OUT/teacher"

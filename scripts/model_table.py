@@ -20,13 +20,13 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-import dhvt  # noqa: E402
-import evit  # noqa: E402
-import localvit  # noqa: E402
+import dhvt_models  # noqa: E402
+import evit_models  # noqa: E402
+import localvit_models  # noqa: E402
 import models  # noqa: E402
-import patchconvnet  # noqa: E402
+import patchconvnet_models  # noqa: E402
 
-FAMILIES = (models, localvit, dhvt, evit, patchconvnet)
+FAMILIES = (models, localvit_models, dhvt_models, evit_models, patchconvnet_models)
 TOLERANCE = 0.03
 
 
@@ -122,9 +122,9 @@ def table_rows(names=None):
 def improved_localvit_rows():
     """The 24-hour paper's improved LocalViT (`--localvit --localvit-act hs`) on the models it reports."""
     rows = []
-    for name, (paper_params, paper_gmacs) in localvit.IMPROVED_PAPER_FIGURES.items():
-        params, gmacs = measure(name, **localvit.improved_localvit_options('hs'))
-        trained, _ = localvit.IMPROVED_CODE_PARAMS[name]
+    for name, (paper_params, paper_gmacs) in localvit_models.IMPROVED_PAPER_FIGURES.items():
+        params, gmacs = measure(name, **localvit_models.improved_localvit_options('hs'))
+        trained, _ = localvit_models.IMPROVED_CODE_PARAMS[name]
         rows.append(Row(f'{name} --localvit', params, paper_params, gmacs, paper_gmacs, code_params=trained / 1e6))
     return rows
 

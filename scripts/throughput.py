@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402, F401 - registers the project's model families in timm
 from engine import measure_throughput  # noqa: E402
-from evit import EViT  # noqa: E402
+from evit_models import EViT  # noqa: E402
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def count_gmacs(model, img_size):
 
 def build(name, keep_rate, fuse_token):
     """The model by timm name; keep_rate / fuse_token only for EViT models (None leaves the default)."""
-    if timm.models.get_arch_name(name) not in timm.list_models(module='evit'):
+    if timm.models.get_arch_name(name) not in timm.list_models(module='evit_models'):
         return timm.create_model(name)
     model = timm.create_model(name, fuse_token=fuse_token)
     if keep_rate is not None:

@@ -17,7 +17,7 @@ import datasets
 import main
 import utils
 from conftest import ROOT, TINY, read_log, run_main, write_image_folder
-from flag_ranges import FLAG_RANGES
+from flags import FLAG_RANGES
 from samplers import SeededDataset, collate_skipping_none
 
 FOLDER_RUN = TINY + ['--data-set', 'FOLDER', '--batch-size', '8', '--epochs', '1']

@@ -6,6 +6,7 @@ import fractions
 import pytest
 import torch
 
+import loaders
 import main
 import model_factory
 import utils
@@ -85,6 +86,6 @@ def test_our_checkpoint_stores_a_scaler_state_with_fp16_off(tmp_path):
 def test_repeated_augmentation_only_under_a_distributed_launch(launcher, flags, repeats):
     args = main.get_args_parser().parse_args(TINY + flags)
     args.launcher = launcher
-    loader = main.build_train_loader(args, list(range(20)), 4)
+    loader = loaders.build_train_loader(args, list(range(20)), 4)
     assert loader.sampler.num_repeats == repeats
-    assert main.sampler_description(args).startswith('repeated augmentation' if repeats == 3 else 'random shuffle')
+    assert loaders.sampler_description(args).startswith('repeated augmentation' if repeats == 3 else 'random shuffle')

@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-import dhvt
+import dhvt_models
 
 # GMACs (FlopCounterMode total / 2, attention matmuls included) of DHVT's reference code at the native
-# resolution; the paper's printed GFLOPs are in dhvt.PAPER_FIGURES (its patch-2 figures are lower).
+# resolution; the paper's printed GFLOPs are in dhvt_models.PAPER_FIGURES (its patch-2 figures are lower).
 REFERENCE_GMACS = {
     'dhvt_tiny_patch4_32': 0.39,
     'dhvt_small_patch4_32': 1.53,
@@ -55,15 +55,15 @@ def tiny_distilled():
 
 def test_every_size_is_registered_without_colliding_with_timm():
     registered = set(timm.list_models('dhvt_*'))
-    assert registered == set(dhvt.DHVT_SIZES) == set(timm.list_models(module='dhvt'))
-    assert set(dhvt.PAPER_FIGURES) <= registered
+    assert registered == set(dhvt_models.DHVT_SIZES) == set(timm.list_models(module='dhvt_models'))
+    assert set(dhvt_models.PAPER_FIGURES) <= registered
 
 
-@pytest.mark.parametrize('name', sorted(dhvt.DHVT_SIZES))
+@pytest.mark.parametrize('name', sorted(dhvt_models.DHVT_SIZES))
 def test_every_size_builds_on_meta_with_its_config(name):
-    size = dhvt.DHVT_SIZES[name]
+    size = dhvt_models.DHVT_SIZES[name]
     model = meta_model(name)
-    assert isinstance(model, dhvt.DHVTDistilled) == size.distilled
+    assert isinstance(model, dhvt_models.DHVTDistilled) == size.distilled
     assert model.num_classes == size.classes and model.embed_dim == size.dim and len(model.blocks) == size.depth
     assert model.blocks[0].attn.num_heads == size.heads
     assert model.patch_embed.patch_size == (size.patch, size.patch)
@@ -74,22 +74,22 @@ def test_every_size_builds_on_meta_with_its_config(name):
 
 
 def test_dataset_class_counts_in_configs():
-    classes = {name: timm.get_pretrained_cfg_value(name, 'num_classes') for name in dhvt.DHVT_SIZES}
+    classes = {name: timm.get_pretrained_cfg_value(name, 'num_classes') for name in dhvt_models.DHVT_SIZES}
     assert all(classes[n] == 100 for n in classes if n.endswith('_32'))
     assert all(classes[n] == 345 for n in classes if 'domainnet' in n)
     assert all(classes[n] == 1000 for n in classes if n.endswith('_224') and 'domainnet' not in n)
 
 
-@pytest.mark.parametrize('name', sorted(dhvt.PAPER_FIGURES))
+@pytest.mark.parametrize('name', sorted(dhvt_models.PAPER_FIGURES))
 def test_params_match_the_paper(name):
-    paper_millions, _ = dhvt.PAPER_FIGURES[name]
+    paper_millions, _ = dhvt_models.PAPER_FIGURES[name]
     measured = count_params(meta_model(name)) / 1e6
     assert measured == pytest.approx(paper_millions, rel=0.03)
 
 
 @pytest.mark.parametrize('name', sorted(REFERENCE_GMACS))
 def test_gmacs_match_the_reference_code(name):
-    measured = gmacs(meta_model(name), dhvt.DHVT_SIZES[name].img)
+    measured = gmacs(meta_model(name), dhvt_models.DHVT_SIZES[name].img)
     assert measured == pytest.approx(REFERENCE_GMACS[name], rel=0.03)
 
 
@@ -164,7 +164,7 @@ def test_sope_stems_follow_the_patch_size():
 
 
 def test_head_tokens_join_attention_and_their_mean_is_added_to_cls():
-    attn = dhvt.HeadInteractionAttention(dim=8, num_heads=2).eval()
+    attn = dhvt_models.HeadInteractionAttention(dim=8, num_heads=2).eval()
     x = torch.randn(3, 5, 8)
     with torch.no_grad():
         before = attn(x)
@@ -180,7 +180,7 @@ def test_head_tokens_join_attention_and_their_mean_is_added_to_cls():
 
 
 def test_daff_bypasses_cls_through_squeeze_excitation():
-    daff = dhvt.DAFF(dim=8, hidden_dim=32).eval()
+    daff = dhvt_models.DAFF(dim=8, hidden_dim=32).eval()
     x = torch.randn(2, 1 + 16, 8)
     with torch.no_grad():
         out = daff(x, (4, 4))
@@ -208,7 +208,7 @@ def test_no_weight_decay_names_the_learned_tokens():
 
 
 def test_a_seed_gives_the_same_weights_in_every_process():
-    code = ('import torch, timm, dhvt; torch.manual_seed(0); '
+    code = ('import torch, timm, dhvt_models; torch.manual_seed(0); '
             'print(sum(p.double().sum().item() for p in timm.create_model("dhvt_micro_patch2_16").parameters()))')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sums = {subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, check=True,
@@ -224,11 +224,11 @@ def test_create_model_honours_device_and_dtype():
 
 def test_bad_sizes_raise_one_clear_value_error():
     with pytest.raises(ValueError, match='multiple of patch_size'):
-        dhvt.DHVT(img_size=30, patch_size=4, embed_dim=48, depth=1, num_heads=2)
+        dhvt_models.DHVT(img_size=30, patch_size=4, embed_dim=48, depth=1, num_heads=2)
     with pytest.raises(ValueError, match='power of two'):
-        dhvt.DHVT(img_size=24, patch_size=3, embed_dim=48, depth=1, num_heads=2)
+        dhvt_models.DHVT(img_size=24, patch_size=3, embed_dim=48, depth=1, num_heads=2)
     with pytest.raises(ValueError, match='num_heads'):
-        dhvt.DHVT(img_size=16, patch_size=2, embed_dim=48, depth=1, num_heads=5)
+        dhvt_models.DHVT(img_size=16, patch_size=2, embed_dim=48, depth=1, num_heads=5)
 
 
 # ---------------------------------------------------------------- distillation and single-process use

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from timm.models import VisionTransformer
 
-import evit
-from evit import EViT, PAPER_FIGURES, keep_rate_at
+import evit_models
+from evit_models import EViT, PAPER_FIGURES, keep_rate_at
 from scripts.throughput import count_gmacs, main as throughput_main, measure_throughput
 
 MICRO = 'evit_micro_patch2_16'  # 16 px, patch 2: 64 patches, depth 4, keep layers (1, 2)
@@ -59,12 +59,12 @@ def reference_keep_block(block, x, num_kept, fuse):
     return x + block.mlp(block.norm2(x)), kept
 
 
-@pytest.mark.parametrize('name', list(evit.EVIT_SIZES))
+@pytest.mark.parametrize('name', list(evit_models.EVIT_SIZES))
 def test_names_build_with_paper_keep_layers(name):
     with torch.device('meta'):
         model = timm.create_model(name)
     assert isinstance(model, EViT)
-    assert model.drop_loc == evit.EVIT_SIZES[name][-1]
+    assert model.drop_loc == evit_models.EVIT_SIZES[name][-1]
     assert model.keep_rates == (0.7,) * len(model.drop_loc)
     assert model.no_weight_decay() >= {'pos_embed', 'cls_token'}
     assert model.pretrained_cfg['paper_ids'] == 'arXiv:2202.07800'

@@ -11,7 +11,7 @@ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ('main.py', 'checkpoints.py', 'model_factory.py', 'engine.py', 'datasets.py', 'samplers.py', 'losses.py',
-           'utils.py', 'models.py', 'run_with_submitit.py', 'hubconf.py')
+           'utils.py', 'models.py', 'run_with_submitit.py', 'hubconf.py', 'flags.py', 'images.py', 'loaders.py')
 
 
 def parser_actions():
@@ -28,7 +28,7 @@ def project_source_without_parser():
             continue
         with open(path) as f:
             for number, line in enumerate(f, 1):
-                if not (name == 'main.py' and number in parser_lines):
+                if not (name == 'flags.py' and number in parser_lines):
                     text.append(line)
     return ''.join(text)
 
@@ -117,3 +117,38 @@ def test_help_shows_groups():
                 and line.endswith(':')}
     assert {'training', 'model', 'optimizer', 'augmentation', 'data', 'run', 'distributed'} <= headings
     assert '--batch-size' in result.stdout and '--ThreeAugment' in result.stdout
+
+
+# ---------------------------------------------------------------- -c / --config FILE.yaml
+
+QUICK_START = ('--data-set DIGITS --model dhvt_digits_patch4_16 --input-size 16 --batch-size 32 --epochs 8 --lr 1e-3 '
+               '--unscale-lr --warmup-epochs 1 --mixup 0 --cutmix 0 --reprob 0 --aa none --hflip 0 --no-repeated-aug '
+               '--drop-path 0 --no-model-ema --num_workers 0').split()
+
+
+def test_the_quick_start_config_is_the_quick_start_flags():
+    from_config = vars(main.parse_args(['-c', os.path.join(ROOT, 'configs', 'digits_dhvt.yaml')]))
+    from_flags = vars(main.parse_args(QUICK_START))
+    assert {k: v for k, v in from_config.items() if k != 'config'} == {k: v for k, v in from_flags.items()
+                                                                      if k != 'config'}
+
+
+def test_config_sets_defaults_and_the_command_line_wins(tmp_path):
+    config = tmp_path / 'r.yaml'
+    config.write_text('# a recipe\nmodel: deit_tiny_patch4_32\nwarmup-epochs: 2\nlr: 0.002\nmodel_ema: false\n')
+    args = main.parse_args(['-c', str(config), '--lr', '3e-3'])
+    assert (args.model, args.warmup_epochs, args.lr, args.model_ema) == ('deit_tiny_patch4_32', 2, 3e-3, False)
+    assert main.parse_args(['--config', str(config), '--model-ema']).model_ema is True
+
+
+@pytest.mark.parametrize('text, message', [('warmup_epoch: 3\n', "unknown flag 'warmup_epoch' (did you mean "
+                                                                 "'warmup_epochs'?)"),
+                                           ('- just\n- a list\n', 'is not a mapping'),
+                                           ('model: [unclosed\n', 'cannot be read')])
+def test_a_bad_config_is_one_line_and_exit_2(tmp_path, capsys, text, message):
+    config = tmp_path / 'bad.yaml'
+    config.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main.cli(['-c', str(config)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0]

@@ -1,6 +1,8 @@
 """hubconf.py entry points (local files only: the network is off in these tests) and the scripts/*.sh recipes."""
 import glob
+import itertools
 import os
+import re
 import socket
 import subprocess
 import urllib.error
@@ -36,7 +38,7 @@ def same_weights(model, state):
 
 
 def test_an_entry_for_every_model_we_register_and_for_deits_published_ones():
-    ours = set(timm.list_models(module=['models', 'localvit', 'dhvt', 'evit', 'patchconvnet']))
+    ours = set(timm.list_models(module=['models', 'localvit_models', 'dhvt_models', 'evit_models', 'patchconvnet_models']))
     deit = {'deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224', 'deit_base_patch16_384',
             'deit_tiny_distilled_patch16_224', 'deit_small_distilled_patch16_224',
             'deit_base_distilled_patch16_224', 'deit_base_distilled_patch16_384', 'deit3_small_patch16_224'}
@@ -130,9 +132,22 @@ def test_recipes_exist_parse_and_open_with_command_hardware_and_accuracy():
         assert subprocess.run(['bash', '-n', path]).returncode == 0, path
     for path in RECIPES:
         with open(path) as f:
-            header = ''.join(line for line in f.readlines()[1:20] if line.startswith('#'))
-        for word in ('Command', 'main.py --model', 'Hardware', 'Expected', '% top-1'):
-            assert word in header, f'{path} header lacks {word!r}'
+            config = re.search(r'-c "\$CONFIGS/([\w.]+\.yaml)"', f.read())
+        assert config and os.path.isfile(os.path.join(ROOT, 'configs', config.group(1))), path
+
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.yaml')))
+
+
+@pytest.mark.parametrize('config', CONFIGS, ids=os.path.basename)
+def test_every_config_opens_with_command_hardware_and_accuracy_and_parses(config):
+    with open(config) as f:
+        header = ''.join(itertools.takewhile(lambda line: line.startswith('#'), f))
+    for word in ('Command', 'main.py', 'Hardware', '% '):
+        assert word in header, f'{config} header lacks {word!r}'
+    assert 'measured here' in header or 'reported by the paper' in header
+    args = main.parse_args(['-c', config])
+    assert timm.is_model(args.model) and args.config == config
 
 
 def launched_args(recipe, tmp_path, nproc=None):
@@ -157,8 +172,8 @@ def test_recipe_command_parses_with_main_and_keeps_the_global_batch(recipe, tmp_
     paper_nproc = int(first[0].split('=')[1])
     argv = launched_args(recipe, tmp_path, nproc=1)
     assert argv[0] == '--nproc_per_node=1' and argv[1] == os.path.join(ROOT, 'main.py')
-    args = parser.parse_args(argv[2:])
+    args = main.parse_args(argv[2:], parser)
     assert timm.is_model(args.model), args.model
     assert (args.data_path, args.output_dir, args.seed) == ('/data/set', '/runs/out', 7)
-    first_args = parser.parse_args(first[2:])
+    first_args = main.parse_args(first[2:], main.get_args_parser())
     assert args.batch_size == first_args.batch_size * paper_nproc

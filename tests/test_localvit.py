@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import localvit
+import localvit_models
 import main
 import model_factory
 import models  # noqa: F401 - registers deit_micro_patch2_16
-from localvit import (IMPROVED_LOCALVIT_ACTS, IMPROVED_PAPER_FIGURES, LOCALVIT_ACTS, LOCALVIT_SIZES, PAPER_FIGURES,
+from localvit_models import (IMPROVED_LOCALVIT_ACTS, IMPROVED_PAPER_FIGURES, LOCALVIT_ACTS, LOCALVIT_SIZES, PAPER_FIGURES,
                       improved_local_mlp)
 
 MICRO = 'localvit_micro_patch2_16'
@@ -41,7 +41,7 @@ def after_attention(block, x):
 
 
 def test_registered_names_are_ours_and_build_on_meta():
-    assert set(timm.list_models(module='localvit')) == set(LOCALVIT_SIZES)
+    assert set(timm.list_models(module='localvit_models')) == set(LOCALVIT_SIZES)
     for name, (patch, image, dim, depth, heads, _, distilled) in LOCALVIT_SIZES.items():
         with torch.device('meta'):
             model = timm.create_model(name)
@@ -70,7 +70,7 @@ def test_block_layout_follows_the_paper():
     assert isinstance(block.norm2, torch.nn.Identity) and isinstance(block.drop_path2, torch.nn.Identity)
     assert ffn.fc1.bias is None and ffn.dwconv.bias is None and ffn.fc2.bias is None
     assert ffn.dwconv.groups == ffn.dwconv.in_channels == 4 * 48 and ffn.dwconv.kernel_size == (3, 3)
-    assert isinstance(ffn.act1, torch.nn.Hardswish) and isinstance(ffn.attn, localvit.SqueezeExcite)
+    assert isinstance(ffn.act1, torch.nn.Hardswish) and isinstance(ffn.attn, localvit_models.SqueezeExcite)
     assert ffn.attn.fc1.out_features == 4  # SE reduction = embed dim: a 4-wide squeeze
     se4 = timm.create_model('localvit_tiny_se4_patch16_224', img_size=32).blocks[0].mlp.attn
     assert se4.fc1.out_features == 768 // 4
@@ -94,7 +94,7 @@ def test_every_activation_option_builds_and_runs(act):
     model = timm.create_model(MICRO, act=act).eval()
     assert torch.isfinite(model(images())).all()
     name = act.partition('+')[0]
-    assert isinstance(model.blocks[0].mlp.act2, localvit.ACTIVATIONS[name])
+    assert isinstance(model.blocks[0].mlp.act2, localvit_models.ACTIVATIONS[name])
 
 
 def test_bad_activation_and_non_square_grid_are_value_errors():
@@ -176,7 +176,7 @@ def test_improved_ffn_trains_a_step_on_micro_deit(act):
     model = timm.create_model('deit_micro_patch2_16', mlp_layer=improved_local_mlp(act=act, num_prefix_tokens=1),
                               init_values=1e-5, drop_path_rate=0.1).train()
     block = model.blocks[0]
-    assert isinstance(block.mlp, localvit.ImprovedLocalMlp) and not isinstance(block.norm2, torch.nn.Identity)
+    assert isinstance(block.mlp, localvit_models.ImprovedLocalMlp) and not isinstance(block.norm2, torch.nn.Identity)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = block.mlp.dwconv.weight.detach().clone()
     F.cross_entropy(model(images()), torch.tensor([3, 4])).backward()
@@ -219,7 +219,7 @@ def test_localvit_flag_builds_the_24h_code_model():
     bias on q, k and v (its paper's 22.23M adds 47,088 parameters its forward pass never uses)."""
     torch.manual_seed(0)
     model = improved_deit_small()
-    trained, unused = localvit.IMPROVED_CODE_PARAMS['deit_small_patch16_224']
+    trained, unused = localvit_models.IMPROVED_CODE_PARAMS['deit_small_patch16_224']
     assert sum(p.numel() for p in model.parameters()) == trained == 22_179_688
     assert round((trained + unused) / 1e6, 2) == IMPROVED_PAPER_FIGURES['deit_small_patch16_224'][0]
     assert all(block.attn.qkv.bias is None for block in model.blocks)

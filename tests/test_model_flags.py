@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import localvit
+import localvit_models
 import main
 import model_factory
 from utils import UserError
@@ -23,7 +23,7 @@ def test_layer_scale_sets_the_initial_gammas():
 
 def test_localvit_puts_the_local_ffn_in_every_block():
     model = build('--localvit')
-    assert all(isinstance(b.mlp, localvit.ImprovedLocalMlp) and b.mlp.num_prefix_tokens == 1 for b in model.blocks)
+    assert all(isinstance(b.mlp, localvit_models.ImprovedLocalMlp) and b.mlp.num_prefix_tokens == 1 for b in model.blocks)
     out = model(torch.randn(2, 3, 16, 16))
     assert out.shape == (2, 10)
 

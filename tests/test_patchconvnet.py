@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import hubconf
-import patchconvnet
+import patchconvnet_models
 from conftest import ROOT
-from patchconvnet import PAPER_FIGURES, PATCHCONVNET_SIZES
+from patchconvnet_models import PAPER_FIGURES, PATCHCONVNET_SIZES
 
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import model_table  # noqa: E402
@@ -29,7 +29,7 @@ def micro(**kwargs):
 
 
 def test_deits_names_are_registered_in_timm_and_torch_hub():
-    assert set(timm.list_models(module='patchconvnet')) == set(PATCHCONVNET_SIZES) == set(DEIT_NAMES) | {MICRO}
+    assert set(timm.list_models(module='patchconvnet_models')) == set(PATCHCONVNET_SIZES) == set(DEIT_NAMES) | {MICRO}
     for name in DEIT_NAMES:
         assert callable(getattr(hubconf, name))
     assert set(PAPER_FIGURES) == {'S60', 'S120', 'B60', 'B120', 'S60_multi'}
@@ -160,6 +160,6 @@ def test_checkpoint_round_trip_through_hub(tmp_path):
 
 def test_patch_sizes_must_be_powers_of_two():
     with pytest.raises(ValueError, match='power of two'):
-        patchconvnet.stem_widths(6, 32)
-    assert patchconvnet.stem_widths(16, 384) == [48, 96, 192, 384]
-    assert patchconvnet.stem_widths(4, 32) == [16, 32]
+        patchconvnet_models.stem_widths(6, 32)
+    assert patchconvnet_models.stem_widths(16, 384) == [48, 96, 192, 384]
+    assert patchconvnet_models.stem_widths(4, 32) == [16, 32]

@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, SEModule, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from dhvt import sope_widths
+from dhvt_models import sope_widths
 
 __all__ = ['PatchConvnet', 'PATCHCONVNET_SIZES', 'PAPER_FIGURES']
 

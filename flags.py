@@ -1,0 +1,298 @@
+"""main.py's flags: the parser, -c/--config recipes (YAML files of flag defaults, timm's convention) and the allowed
+range of every numeric flag, checked before anything is built or written."""
+import argparse
+import difflib
+import math
+import re
+
+import yaml
+
+import localvit_models
+from datasets import DATASET_ALIASES, DATASETS
+from utils import UserError
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('DeiT-style training and evaluation', add_help=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('training')
+    g.add_argument('--batch-size', default=64, type=int, help='images per process per step')
+    g.add_argument('--epochs', default=300, type=int)
+    g.add_argument('--accum-iter', default=1, type=int, help='micro-batches accumulated per optimizer update')
+    g.add_argument('--bce-loss', action='store_true', help='binary cross-entropy instead of softmax CE')
+    g.add_argument('--unscale-lr', action='store_true', help='do not scale --lr by global batch / 512')
+    g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
+                   help='autocast precision; auto = bf16 on CUDA, none on CPU')
+    g.add_argument('--compile', action='store_true', help='torch.compile the training model')
+    g.add_argument('--cosub', action='store_true',
+                   help="DeiT's Cosub: co-train two stochastic-depth submodels of the model on each batch (BCE)")
+    g.add_argument('--skip-nonfinite', default=0, type=int, metavar='N',
+                   help='skip up to N steps whose loss is NaN / inf before stopping (default: stop at the first)')
+    g.add_argument('--inject-nonfinite', default=-1, type=int, metavar='STEP',
+                   help='fault injection for testing the guard: make the loss NaN at this global update')
+
+    g = p.add_argument_group('training on a budget, multi-size training (the 24-hour paper)')
+    g.add_argument('--time-budget', type=float, default=None, metavar='HOURS',
+                   help='end the run at this wall-clock budget, final evaluation and checkpoint included; the LR '
+                        'and size schedules follow the elapsed fraction of it (--epochs then only sets proportions)')
+    g.add_argument('--no-warmup', action='store_true', help='same as --warmup-epochs 0')
+    g.add_argument('--is-multisize', action='store_true',
+                   help='train at --init-size, growing by 16 x --patch-step px every --epoch-step epochs')
+    g.add_argument('--init-size', type=int, default=32, help='first size of --is-multisize')
+    g.add_argument('--epoch-step', type=int, default=7, help='epochs per size of --is-multisize (the paper\'s recipe: 5)')
+    g.add_argument('--patch-step', type=int, default=1, help='growth of --is-multisize, in 16 px steps (the paper\'s recipe: 2)')
+    g.add_argument('--size-schedule', default='', metavar='START:SIZE,...',
+                   help="training sizes by epoch ('0:32,5:64') or by fraction of the run ('0:32,0.5:64')")
+    g.add_argument('--eval-on-final-size', action='store_true',
+                   help='multi-size: evaluate at --input-size (default: at the current training size)')
+    g.add_argument('--multisize-batch', action='store_true',
+                   help='multi-size: scale the batch with (input-size / size)^2, the same pixels per batch')
+
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='NAME',
+                   help='any timm model name, or one of ours from models.py')
+    g.add_argument('--input-size', default=224, type=int, help='image side in pixels')
+    g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    g.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='stochastic depth rate')
+    g.add_argument('--layer-scale', type=float, default=None, metavar='INIT',
+                   help='LayerScale with this initial value (e.g. 1e-5), for ViT-family models')
+    g.add_argument('--constant-drop-path', action='store_true',
+                   help='the same --drop-path rate in every block (DeiT III) instead of a linear increase')
+    g.add_argument('--patch-embed', default='patch', choices=['patch', 'hmlp'],
+                   help="ViT patch embedding: timm's linear patchify, or 3Things' hierarchical-MLP stem")
+    g.add_argument('--localvit', action='store_true',
+                   help="the 24-hour paper's improved LocalViT: a DeiT / ViT with a depth-wise conv in each FFN")
+    g.add_argument('--localvit-act', default=None, choices=localvit_models.LOCALVIT_ACTS,
+                   help='activation (+ channel attention) of the local FFN; default: hs with --localvit, '
+                        'hs+se for localvit_* models')
+    g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (default on)')
+    g.add_argument('--no-model-ema', action='store_false', dest='model_ema')
+    p.set_defaults(model_ema=True)
+    g.add_argument('--model-ema-decay', type=float, default=0.99996)
+    g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA weights on the CPU')
+
+    g = p.add_argument_group('optimizer')
+    g.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER', help='any timm optimizer name')
+    g.add_argument('--opt-eps', default=1e-8, type=float, metavar='EPSILON')
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='max gradient norm')
+    g.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='not applied to norms, biases, '
+                   'position embeddings and tokens')
+
+    g = p.add_argument_group('learning-rate schedule (stepped every update)')
+    g.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER',
+                   help='timm scheduler: cosine, tanh, step, multistep, poly')
+    g.add_argument('--lr', type=float, default=5e-4, help='for a global batch of 512 (see --unscale-lr)')
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+                   help='epoch fractions where LR noise starts / ends')
+    g.add_argument('--lr-noise-pct', type=float, default=0.67)
+    g.add_argument('--lr-noise-std', type=float, default=1.0)
+    g.add_argument('--warmup-lr', type=float, default=1e-6)
+    g.add_argument('--min-lr', type=float, default=1e-5)
+    g.add_argument('--decay-epochs', type=float, default=30, help='step schedule period')
+    g.add_argument('--warmup-epochs', type=int, default=5, help='0 for no warm-up')
+    g.add_argument('--cooldown-epochs', type=int, default=10,
+                   help='epochs at --min-lr after the cosine; trained only with --train-cooldown (DeiT stops '
+                        'at --epochs, so the cosine spans the whole run)')
+    g.add_argument('--train-cooldown', action='store_true',
+                   help="also train the --cooldown-epochs at --min-lr after --epochs, as timm's train.py does")
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+
+    g = p.add_argument_group('augmentation')
+    g.add_argument('--color-jitter', type=float, default=0.3, metavar='PCT')
+    g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                   help='timm auto-augment policy, or "none"')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--train-interpolation', type=str, default='bicubic',
+                   help='random, bilinear or bicubic')
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    g.add_argument('--repeated-aug', action='store_true', help='repeated augmentation (default on)')
+    g.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
+    p.set_defaults(repeated_aug=True)
+    g.add_argument('--ThreeAugment', action='store_true', help="DeiT III's 3-Augment")
+    g.add_argument('--src', action='store_true', help='simple random crop (with --ThreeAugment)')
+    g.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erase probability')
+    g.add_argument('--remode', type=str, default='pixel', help='random erase mode')
+    g.add_argument('--recount', type=int, default=1, help='random erase count')
+
+    g = p.add_argument_group('mixup / cutmix')
+    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha; 0 disables')
+    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha; 0 disables')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix ratio bounds')
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', type=str, default='batch', choices=['batch', 'pair', 'elem'])
+
+    g = p.add_argument_group('token reorganisation (EViT models)')
+    g.add_argument('--base_keep_rate', type=float, default=None,
+                   help="fraction of patch tokens kept at each keep layer; unset: the model's own (0.7)")
+    g.add_argument('--fuse_token', action='store_true', help='fuse the dropped tokens into one extra token')
+    g.add_argument('--drop_loc', default=None, type=str, help="keep layers, e.g. '(3, 6, 9)'; unset: the model's own")
+    g.add_argument('--shrink_start_epoch', default=10, type=int, help='keep every token until this epoch')
+    g.add_argument('--shrink_epochs', default=100, type=int,
+                   help='epochs of cosine decay of the keep rate from 1 to --base_keep_rate (0: at once)')
+    g.add_argument('--test_speed', action='store_true', help='print inference img/s (batch 64) before training')
+    g.add_argument('--only_test_speed', action='store_true', help='print inference img/s and exit')
+
+    g.add_argument('--visualize_mask', action='store_true',
+                   help='EViT: after evaluation, write pictures of the kept / fused patches to output_dir/masks')
+    g.add_argument('--n_visualization', default=128, type=int, help='how many validation images to draw')
+
+    g = p.add_argument_group('distillation (DeiT)')
+    g.add_argument('--teacher-model', default='regnety_160', type=str, metavar='NAME',
+                   help='timm name of the teacher')
+    g.add_argument('--teacher-path', type=str, default='', help='teacher weights: file, URL or .safetensors')
+    g.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'])
+    g.add_argument('--distillation-alpha', default=0.5, type=float, help='weight of the distillation term')
+    g.add_argument('--distillation-tau', default=1.0, type=float, help='temperature of soft distillation')
+
+    g = p.add_argument_group('fine-tuning')
+    g.add_argument('--finetune', default='', help='checkpoint to start from; head and position embedding '
+                   'are adapted to this run')
+    g.add_argument('--attn-only', action='store_true',
+                   help="3Things: train only the attention weights, position embedding and classifier")
+    g.add_argument('--train-mode', action='store_true', help='train in train mode (default)')
+    g.add_argument('--no-train-mode', action='store_false', dest='train_mode',
+                   help='train in eval mode: no dropout or drop path, BatchNorm statistics frozen (DeiT)')
+    p.set_defaults(train_mode=True)
+
+    g = p.add_argument_group('data')
+    g.add_argument('--data-path', default=None, type=str, help='dataset root')
+    g.add_argument('--data-set', default=None, choices=DATASETS + tuple(DATASET_ALIASES),
+                   help='default: IMNET with --data-path, else the embedded DIGITS; DeiT\'s CIFAR is CIFAR100, '
+                        'INAT is INAT18')
+    g.add_argument('--train-list', default='', metavar='FILE',
+                   help='LIST data set: lines of "image path relative to --data-path, label"')
+    g.add_argument('--val-list', default='', metavar='FILE', help='LIST data set: the validation list')
+    g.add_argument('--inat-category', default='name',
+                   choices=['kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'])
+    g.add_argument('--download', action='store_true', help='let CIFAR10/100 download when missing')
+    g.add_argument('--use-lmdb', action='store_true',
+                   help='IMNET / FOLDER: --data-path is an LMDB written by scripts/folder2lmdb.py')
+    g.add_argument('--skip-bad-images', action='store_true',
+                   help='skip unreadable image files (counted in the log) instead of stopping')
+    g.add_argument('--fake-size', default=1280, type=int, help='FAKE: training images (val gets a fifth)')
+    g.add_argument('--fake-classes', default=1000, type=int, help='FAKE: number of classes')
+    g.add_argument('--num_workers', default=10, type=int)
+    g.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the DataLoader (default on)')
+    g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
+    p.set_defaults(pin_mem=True)
+
+    g = p.add_argument_group('run')
+    g.add_argument('-c', '--config', default='', metavar='FILE.yaml',
+                   help='recipe: a YAML file of flag values (dest: value); flags on the command line override it')
+    g.add_argument('--output_dir', default='', help='where checkpoints and logs go; empty: save nothing')
+    g.add_argument('--device', default='auto', help='cuda, cuda:N, cpu, or auto (cuda when available)')
+    g.add_argument('--seed', default=0, type=int)
+    g.add_argument('--resume', default='', help='checkpoint path or URL to resume from')
+    g.add_argument('--start_epoch', default=0, type=int, metavar='N', help='first epoch when not resuming')
+    g.add_argument('--eval', action='store_true', help='evaluate only')
+    g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='center-crop ratio at evaluation')
+    g.add_argument('--dist-eval', action='store_true', help='split evaluation over ranks')
+    g.add_argument('--print-freq', default=10, type=int, help='progress line every N updates')
+    g.add_argument('--save-every', default=0, type=int, metavar='N',
+                   help='also checkpoint every N updates inside an epoch (0: at epoch ends only)')
+    g.add_argument('--on-save-error', default='continue', choices=['continue', 'stop'],
+                   help='when a checkpoint cannot be written, keep the last good one and go on, or stop')
+    g.add_argument('--overwrite', action='store_true',
+                   help='start afresh in an output_dir that holds another run\'s checkpoint')
+
+    g = p.add_argument_group('distributed')
+    g.add_argument('--dist_url', default='env://', help='process-group init method')
+    g.add_argument('--dist-backend', default=None, help='default: nccl on CUDA, gloo on CPU')
+    g.add_argument('--dist-timeout', default=30, type=int, help='minutes before a hung collective fails')
+
+    g = p.add_argument_group('help')
+    g.add_argument('-h', '--help', action='help', help='show this message and exit')
+    return p
+
+
+def parse_args(argv=None, parser=None):
+    """Flags, with the defaults of -c/--config FILE.yaml (timm's convention) under those given on the command line."""
+    parser = parser or get_args_parser()
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument('-c', '--config', default='')
+    known, _ = config.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**read_config(known.config, parser))
+    return parser.parse_args(argv)
+
+
+def read_config(path, parser):
+    """{dest: value} from a YAML recipe whose keys are flag names without dashes (warmup_epochs or warmup-epochs)."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f'--config {path} cannot be read ({type(e).__name__}); pass a YAML file of flag: value') from e
+    if not isinstance(values, dict):
+        raise UserError(f'--config {path} is not a mapping of flag: value; write one "flag: value" per line')
+    dests = {action.dest for action in parser._actions}
+    config = {str(key).replace('-', '_'): value for key, value in values.items()}
+    unknown = sorted(set(config) - dests)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], dests, n=1)
+        raise UserError(f'--config {path}: unknown flag {unknown[0]!r}'
+                        f'{f" (did you mean {close[0]!r}?)" if close else ""}; see python main.py --help')
+    return config
+
+
+# ---------------------------------------------------------------- ranges
+
+INF = math.inf
+# dest: (low, high, brackets); '[' / ']' include the bound, '(' / ')' exclude it. A flag left at None is not checked.
+# --clip-grad 0 means no clipping, as does leaving it out.
+FLAG_RANGES = {
+    'batch_size': (1, INF, '[)'), 'epochs': (1, INF, '[)'), 'accum_iter': (1, INF, '[)'),
+    'skip_nonfinite': (0, INF, '[)'), 'inject_nonfinite': (-1, INF, '[)'), 'time_budget': (0, INF, '()'),
+    'init_size': (1, INF, '[)'), 'epoch_step': (1, INF, '[)'), 'patch_step': (1, INF, '[)'),
+    'input_size': (1, INF, '[)'), 'drop': (0, 1, '[)'), 'drop_path': (0, 1, '[)'), 'layer_scale': (0, INF, '()'),
+    'model_ema_decay': (0, 1, '[]'), 'opt_eps': (0, INF, '()'), 'opt_betas': (0, 1, '[)'),
+    'clip_grad': (0, INF, '[)'), 'momentum': (0, 1, '[]'), 'weight_decay': (0, INF, '[)'), 'lr': (0, INF, '()'),
+    'lr_noise': (0, INF, '[)'), 'lr_noise_pct': (0, INF, '[)'), 'lr_noise_std': (0, INF, '[)'),
+    'warmup_lr': (0, INF, '[)'), 'min_lr': (0, INF, '[)'), 'decay_epochs': (0, INF, '()'),
+    'warmup_epochs': (0, INF, '[)'), 'cooldown_epochs': (0, INF, '[)'), 'decay_rate': (0, 1, '(]'),
+    'color_jitter': (0, INF, '[)'), 'smoothing': (0, 1, '[)'), 'hflip': (0, 1, '[]'), 'reprob': (0, 1, '[]'),
+    'recount': (1, INF, '[)'), 'mixup': (0, INF, '[)'), 'cutmix': (0, INF, '[)'), 'cutmix_minmax': (0, 1, '(]'),
+    'mixup_prob': (0, 1, '[]'), 'mixup_switch_prob': (0, 1, '[]'), 'base_keep_rate': (0, 1, '(]'),
+    'shrink_start_epoch': (0, INF, '[)'), 'shrink_epochs': (0, INF, '[)'), 'n_visualization': (1, INF, '[)'),
+    'distillation_alpha': (0, 1, '[]'), 'distillation_tau': (0, INF, '()'), 'fake_size': (1, INF, '[)'),
+    'fake_classes': (1, INF, '[)'), 'num_workers': (0, INF, '[)'), 'seed': (0, 2 ** 31 - 1, '[]'),
+    'start_epoch': (0, INF, '[)'), 'eval_crop_ratio': (0, 1, '(]'), 'print_freq': (1, INF, '[)'),
+    'save_every': (0, INF, '[)'), 'dist_timeout': (1, INF, '[)'),
+}
+DEVICE = re.compile(r'(auto|cpu|cuda(:\d+)?)$')
+
+
+def in_range(value, low, high, brackets):
+    if not math.isfinite(value):
+        return False
+    above = value >= low if brackets[0] == '[' else value > low
+    below = value <= high if brackets[1] == ']' else value < high
+    return above and below
+
+
+def describe(low, high, brackets):
+    if high == INF:
+        return f'a value {">=" if brackets[0] == "[" else ">"} {_number(low)}'
+    return f'a value in {brackets[0]}{_number(low)}, {_number(high)}{brackets[1]}'
+
+
+def _number(x):
+    return str(int(x)) if float(x).is_integer() else f'{x:g}'
+
+
+def check_flag_ranges(args, parser):
+    """UserError naming the first flag whose value is out of its range (or is nan / inf), and the range."""
+    for action in parser._actions:
+        if action.dest not in FLAG_RANGES or getattr(args, action.dest, None) is None:
+            continue
+        value = getattr(args, action.dest)
+        low, high, brackets = FLAG_RANGES[action.dest]
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not in_range(item, low, high, brackets):
+                raise UserError(f'{action.option_strings[0]} {_number(item)} is out of range; pass '
+                                f'{describe(low, high, brackets)}')
+    if not DEVICE.match(args.device):
+        raise UserError(f'--device {args.device} is not a device name; pass auto, cpu, cuda or cuda:N')
