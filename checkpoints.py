@@ -1,8 +1,10 @@
 """Checkpoints of a run: what they hold, where a run resumes from, and how they are written (rank 0 only)."""
+import math
 import os
 import time
 
 import torch
+from timm.layers import resample_abs_pos_embed
 
 import engine
 import utils
@@ -47,15 +49,16 @@ def find_resume(args, class_names):
         if not args.overwrite:
             raise UserError(f'{e}; to start afresh, add --overwrite (the file is kept aside)') from e
         aside = f'{path}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
-        os.replace(path, aside)
-        print(f'| --overwrite: {path} is unreadable; kept aside as {aside}, starting afresh')
+        if utils.is_main_process():
+            os.replace(path, aside)
+        utils.log(f'| --overwrite: {path} is unreadable; kept aside as {aside}, starting afresh')
         return ''
     config = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
     difference = identity_difference(config, vars(args), ckpt.get('class_names'), class_names)
     if not difference:
         return path
     if args.overwrite:
-        print(f'| --overwrite: starting afresh; {path} will be replaced')
+        utils.log(f'| --overwrite: starting afresh; {path} will be replaced')
         return ''
     raise UserError(f'{args.output_dir} holds the checkpoint of another run ({difference}); '
                     'choose another --output_dir, pass --resume to continue that run, or add --overwrite')
@@ -76,14 +79,53 @@ def class_names_difference(saved, current):
     return 'other class names: ' + ', '.join(f'{a!r} there, {b!r} here' for a, b in pairs)
 
 
-def load_model_state(model, state, path):
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
-        raise UserError(f'checkpoint {path} does not fit model this run builds ({detail[:150]}); '
-                        'pass the --model and data set it was trained with') from e
+def load_weights(model, path, role, key='model', finetune=False, fix='pass a checkpoint of this model', ckpt=None):
+    """Load the weights in `path` into `model`, the one reader behind --resume, --finetune, --teacher-path, the hub's
+    checkpoint_path and predict: our checkpoints and DeiT's, plain state dicts, .safetensors files and URLs, all read
+    with weights_only. With `finetune`, a classifier of another class count stays newly initialised and the position
+    embedding is resized to the model's grid. One fit check, one message: `role PATH does not fit MODEL: the first
+    tensor that does not fit; fix`. `ckpt`: the file's contents when the caller has read them already. Returns (the
+    checkpoint dict, the names left newly initialised)."""
+    ckpt = utils.load_checkpoint(path) if ckpt is None else ckpt
+    state = dict(utils.model_weights(ckpt, path, key))
+    if finetune:
+        state = adapt_for_finetune(model, state)
+    problem = fit_problem(model.state_dict(), state, allow_missing=finetune)
+    if problem:
+        name = getattr(model, 'default_cfg', {}).get('architecture') or type(model).__name__
+        raise UserError(f'{role} {path} does not fit {name}: {problem}; {fix}')
+    result = model.load_state_dict(state, strict=not finetune)
+    return ckpt, result.missing_keys
+
+
+def fit_problem(own, state, allow_missing=False):
+    """The first reason `state` does not load into a model whose state dict is `own`, or ''."""
+    for key, value in state.items():
+        if key not in own:
+            return f'it holds {key}, which the model lacks'
+        if tuple(value.shape) != tuple(own[key].shape):
+            return f'{key} is {tuple(value.shape)} there and {tuple(own[key].shape)} here'
+    missing = [key for key in own if key not in state]
+    if missing and not allow_missing:
+        return f'it lacks {missing[0]}' + (f' and {len(missing) - 1} more' if len(missing) > 1 else '')
+    return ''
+
+
+def adapt_for_finetune(model, state):
+    """Drop a classifier of another class count; resize the position embedding to the model's patch grid."""
+    own = model.state_dict()
+    for key in [k for k in state if k.startswith(('head.', 'head_dist.'))]:
+        if key in own and state[key].shape != own[key].shape:
+            utils.log(f'| finetune: dropping {key} {tuple(state[key].shape)} (model has {tuple(own[key].shape)})')
+            del state[key]
+    if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
+        prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens
+        new_grid = model.patch_embed.grid_size
+        old_side = int(math.sqrt(state['pos_embed'].shape[1] - prefix))
+        state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=list(new_grid),
+                                                    old_size=[old_side, old_side], num_prefix_tokens=prefix)
+        utils.log(f'| finetune: position embedding {old_side}x{old_side} -> {new_grid[0]}x{new_grid[1]}')
+    return state
 
 
 def resume(args, path, model, train_state, model_ema, class_names):
@@ -91,10 +133,9 @@ def resume(args, path, model, train_state, model_ema, class_names):
 
     Returns (start_epoch, start_step, max_accuracy, epoch_metrics, elapsed_seconds of the run clock).
     """
-    ckpt = utils.load_checkpoint(path)
-    load_model_state(model, utils.model_weights(ckpt, path), path)
+    ckpt, _ = load_weights(model, path, 'checkpoint', fix='pass the --model, data set and size it was trained with')
     if args.eval or 'optimizer' not in ckpt:
-        print(f'| loaded weights from {path}')
+        utils.log(f'| loaded weights from {path}')
         return args.start_epoch, 0, 0.0, None, 0.0
     if not isinstance(ckpt.get('epoch'), int):
         raise UserError(f'checkpoint {path} has an optimizer state but no epoch number; pass --finetune {path} '
@@ -113,7 +154,7 @@ def resume(args, path, model, train_state, model_ema, class_names):
     if 'rng' in ckpt:
         utils.set_rng_state(ckpt['rng'])
     epoch, step = ckpt['epoch'] + 1, ckpt.get('step_in_epoch', 0)
-    print(f'| resumed from {path} at epoch {epoch}, step {step}')
+    utils.log(f'| resumed from {path} at epoch {epoch}, step {step}')
     metrics = ckpt.get('epoch_metrics') if utils.is_main_process() else None
     return epoch, step, ckpt.get('max_accuracy', 0.0), metrics, ckpt.get('elapsed_seconds', 0.0)
 

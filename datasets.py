@@ -131,7 +131,21 @@ def _cifar(is_train, args, transform):
     return dataset, dataset.classes
 
 
-class INatDataset(torch.utils.data.Dataset):
+class FileListDataset(torch.utils.data.Dataset):
+    """(image, label) samples from a list of (path, label) pairs in `self.samples`, decoded to RGB."""
+
+    samples, transform = (), None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform else img), target
+
+
+class INatDataset(FileListDataset):
     """iNaturalist 2018 / 2019 in DeiT's layout: train{year}.json, val{year}.json and categories.json.
 
     Classes are the distinct values of `category` (e.g. 'name', 'genus') in the train annotations.
@@ -156,13 +170,6 @@ class INatDataset(torch.utils.data.Dataset):
             path = os.path.join(root, parts[0], parts[2], parts[3])
             self.samples.append((path, class_index[categories[category_id][category]]))
 
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, target = self.samples[index]
-        img = load_rgb(path)
-        return (self.transform(img) if self.transform else img), target
 
 
 def _read_json(path):
@@ -180,7 +187,7 @@ def _inat(is_train, args, transform):
     return dataset, dataset.classes
 
 
-class ListDataset(torch.utils.data.Dataset):
+class ListDataset(FileListDataset):
     """Images named in a list file, one `relative/path.jpg LABEL` per line (DomainNet's layout, used by DHVT).
 
     Paths are relative to `root`. A class is named after the folder its images sit in when every image of that
@@ -198,13 +205,6 @@ class ListDataset(torch.utils.data.Dataset):
         self.classes = [next(iter(folders[c])) if len(folders.get(c, ())) == 1 else str(c)
                         for c in range(self.num_classes)]
 
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, target = self.samples[index]
-        img = load_rgb(path)
-        return (self.transform(img) if self.transform else img), target
 
 
 def read_list_file(root, list_file):

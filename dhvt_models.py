@@ -19,9 +19,10 @@ from collections import namedtuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from model_parts import pretrained_cfg, sope_widths
 
 __all__ = ['DHVT', 'DHVTDistilled', 'DHVT_SIZES', 'PAPER_FIGURES', 'ORIGINAL_CODE_GMACS']
 
@@ -51,18 +52,6 @@ class Affine(nn.Module):
 
     def forward(self, x):
         return x * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
-
-
-def sope_widths(patch_size, embed_dim):
-    """Output channels of SOPE's stride-2 convs (PatchConvnet's stem has the same):
-    patch 16 -> D/8, D/4, D/2, D; patch 4 -> D/2, D; 2 -> D."""
-    if patch_size < 2 or patch_size & (patch_size - 1):
-        raise ValueError(f'patch_size must be a power of two >= 2 (got {patch_size}); use 2, 4, 8 or 16')
-    num_convs = patch_size.bit_length() - 1
-    if embed_dim % 2 ** (num_convs - 1):
-        raise ValueError(f'embed_dim {embed_dim} must be divisible by {2 ** (num_convs - 1)} for patch size '
-                         f'{patch_size}; pick an embed_dim that is a multiple of it')
-    return [embed_dim // 2 ** (num_convs - 1 - i) for i in range(num_convs)]
 
 
 class SOPE(nn.Module):
@@ -355,14 +344,8 @@ PAPER_FIGURES = {
 ORIGINAL_CODE_GMACS = {'dhvt_tiny_patch2_32': 1.71, 'dhvt_small_patch2_32': 6.20}
 
 
-def _cfg(size):
-    return {'url': '', 'num_classes': size.classes, 'input_size': (3, size.img, size.img), 'pool_size': None,
-            'crop_pct': 0.875 if size.img >= 224 else 1.0, 'interpolation': 'bicubic', 'fixed_input_size': False,
-            'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'first_conv': 'patch_embed.proj.0',
-            'classifier': ('head', 'head_dist') if size.distilled else 'head'}
-
-
-default_cfgs = generate_default_cfgs({name: _cfg(size) for name, size in DHVT_SIZES.items()})
+default_cfgs = generate_default_cfgs({name: pretrained_cfg(size.img, size.classes, size.distilled, first_conv='patch_embed.proj.0')
+                                       for name, size in DHVT_SIZES.items()})
 
 
 def _create_dhvt(name, pretrained=False, device=None, dtype=None, **kwargs):

@@ -30,7 +30,6 @@ class TrainState:
     print_freq: int = 10
     batch_size: int = 1                      # per process; batches that lost unreadable images are smaller
     skip_nonfinite: int = 0                  # non-finite losses skipped (not stepped) before the run stops
-    inject_nonfinite_at: int = -1            # fault injection for tests: make this global update's loss NaN
     after_update: Optional[Callable] = None  # (epoch, updates_done_in_epoch, metrics) -> True to stop
     before_update: Optional[Callable] = None  # (global update) -> None: per-step model schedules (EViT keep rate)
     train_mode: bool = True                  # False: fine-tune in eval mode (no dropout / drop path, frozen BN)
@@ -72,14 +71,7 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
             state.lr_scheduler.step_update(epoch * total + update)
             if state.before_update is not None:
                 state.before_update(epoch * total + update)
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if state.mixup_fn is not None:
-            samples, targets = state.mixup_fn(samples, targets)
-        batch_size = samples.shape[0]
-        if state.cosub:  # two stochastic-depth submodels, one per half of the doubled batch
-            samples = torch.cat([samples, samples])
-
+        samples, targets, batch_size = _prepare_batch(samples, targets, device, state)
         is_last_micro = micro == accum - 1
         # Inner micro-steps of an accumulation skip DDP's gradient all-reduce.
         sync_ctx = model.no_sync() if (not is_last_micro and hasattr(model, 'no_sync')) else nullcontext()
@@ -87,16 +79,8 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
             with autocast(device, state.amp_dtype):
                 outputs = model(samples)
                 loss = criterion(samples, outputs, targets)
-            if epoch * total + update == state.inject_nonfinite_at:
-                loss = loss * float('nan')
             loss_value = loss.item()
-            if _any_rank_nonfinite(loss_value, device):
-                if metrics.meters['skipped_nonfinite'].total >= state.skip_nonfinite:
-                    raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, step {update} (of {total}) '
-                                             f'after {state.skip_nonfinite} skipped; the last checkpoint is kept')
-                metrics.update(n=0, skipped_nonfinite=1)
-                optimizer.zero_grad(set_to_none=True)
-                print(f'| skipping non-finite loss {loss_value} at epoch {epoch}, step {update}', flush=True)
+            if _skip_nonfinite(loss_value, metrics, state, device, f'epoch {epoch}, step {update}', total):
                 continue
             state.scaler.scale(loss / accum).backward()
         metrics.update(loss=loss_value, n=batch_size)
@@ -106,14 +90,7 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
         if not is_last_micro:
             continue
 
-        if state.clip_grad:
-            state.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), state.clip_grad)
-        state.scaler.step(optimizer)
-        state.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if state.model_ema is not None:
-            state.model_ema.update(unwrap(model), step=epoch * total + update)
+        _optimizer_step(model, state, epoch * total + update)
         done = update + 1
         lr = optimizer.param_groups[0]['lr']
         metrics.update(lr=lr)
@@ -130,12 +107,43 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
     return stats, stopped
 
 
-def _any_rank_nonfinite(loss_value, device):
-    """All ranks must agree to skip a step, or DDP's all-reduce would hang."""
-    bad = 0.0 if math.isfinite(loss_value) else 1.0
-    if utils.is_dist_avail_and_initialized():
-        bad = utils.all_reduce_sum([bad], device)[0]
-    return bad > 0
+def _prepare_batch(samples, targets, device, state):
+    """To the device, through Mixup / CutMix; Cosub doubles the batch (one half per stochastic-depth submodel).
+    Returns (samples, targets, images in the batch)."""
+    samples = samples.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if state.mixup_fn is not None:
+        samples, targets = state.mixup_fn(samples, targets)
+    batch_size = samples.shape[0]
+    if state.cosub:
+        samples = torch.cat([samples, samples])
+    return samples, targets, batch_size
+
+
+def _skip_nonfinite(loss_value, metrics, state, device, where, total):
+    """True when the loss is not finite on some rank and the step is to be skipped (counted); past
+    --skip-nonfinite such steps, NonFiniteLossError."""
+    if not utils.any_rank([not math.isfinite(loss_value)], device)[0]:
+        return False
+    if metrics.meters['skipped_nonfinite'].total >= state.skip_nonfinite:
+        raise NonFiniteLossError(f'loss is {loss_value} at {where} (of {total}) after {state.skip_nonfinite} '
+                                 'skipped; the last checkpoint is kept')
+    metrics.update(n=0, skipped_nonfinite=1)
+    state.optimizer.zero_grad(set_to_none=True)
+    utils.log(f'| skipping non-finite loss {loss_value} at {where}')
+    return True
+
+
+def _optimizer_step(model, state, global_update):
+    """Unscale and clip, optimizer and scaler steps, gradients to None, the EMA's update."""
+    if state.clip_grad:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), state.clip_grad)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.model_ema is not None:
+        state.model_ema.update(unwrap(model), step=global_update)
 
 
 def _print_progress(epoch, done, total, metrics, lr, window_start, window_images, epoch_start, start_step):
@@ -183,10 +191,8 @@ def evaluate(loader, model, device, amp_dtype=None, distributed=False, prefix=''
     count = max(count, 1)
     stats = {'acc1': 100.0 * correct1 / count, 'acc5': 100.0 * correct5 / count, 'loss': loss_sum / count,
              'images': int(count), 'skipped_images': skipped}
-    if utils.is_main_process():
-        note = f' ({skipped} unreadable images skipped, not counted)' if skipped else ''
-        print(f'{prefix}* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}{note}',
-              flush=True)
+    note = f' ({skipped} unreadable images skipped, not counted)' if skipped else ''
+    utils.log(f'{prefix}* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}{note}')
     return stats
 
 

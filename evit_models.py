@@ -11,22 +11,24 @@ and timm's features (dynamic image size, pretrained loading, no_weight_decay) ap
     model.set_keep_rate(keep_rate_at(step, steps_per_epoch, 0.7, 10, 100))  # the warm-up, every step
     model.record_keep = True  # then model.kept_indices after each forward: kept patches per keep layer
 """
+from collections import namedtuple
 import math
 from numbers import Real
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
+
+from model_parts import pretrained_cfg
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-# name: (patch size, image size, embed dim, depth, heads, default keep layers)
+Size = namedtuple('Size', 'patch img dim depth heads keep_layers')
 EVIT_SIZES = {
-    'evit_small_patch16_224': (16, 224, 384, 12, 6, (3, 6, 9)),
-    'evit_base_patch16_224': (16, 224, 768, 12, 12, (3, 6, 9)),
-    'evit_micro_patch2_16': (2, 16, 48, 4, 2, (1, 2)),  # the test size: seconds on a CPU
+    'evit_small_patch16_224': Size(16, 224, 384, 12, 6, (3, 6, 9)),
+    'evit_base_patch16_224': Size(16, 224, 768, 12, 12, (3, 6, 9)),
+    'evit_micro_patch2_16': Size(2, 16, 48, 4, 2, (1, 2)),  # the test size: seconds on a CPU
 }
 
 # name: (params in millions, GMACs) reported for keep rate 0.7 with token fusion
@@ -56,6 +58,19 @@ def keep_rate_at(step, steps_per_epoch, base_keep_rate, shrink_start_epoch, shri
         return float(base_keep_rate)
     progress = (step - shrink_start_epoch * steps_per_epoch) / (shrink_epochs * steps_per_epoch)
     return base_keep_rate + (1 - base_keep_rate) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class KeepRateSchedule:
+    """EViT's per-update keep-rate warm-up (keep_rate_at), applied to the model and its EMA before every update."""
+
+    def __init__(self, models, updates_per_epoch, base_keep_rate, shrink_start_epoch, shrink_epochs):
+        self.models, self.updates_per_epoch, self.base = models, updates_per_epoch, base_keep_rate
+        self.start, self.epochs = shrink_start_epoch, shrink_epochs
+
+    def __call__(self, step):
+        rate = keep_rate_at(step, self.updates_per_epoch, self.base, self.start, self.epochs)
+        for model in self.models:
+            model.set_keep_rate(rate)
 
 
 def _check_rate(rate):
@@ -240,12 +255,10 @@ class EViT(VisionTransformer):
 
 
 def _cfg(size, num_classes, **kwargs):
-    return {'num_classes': num_classes, 'input_size': (3, size, size), 'pool_size': None,
-            'crop_pct': 0.9 if size == 224 else 1.0, 'interpolation': 'bicubic', 'fixed_input_size': size == 224,
-            'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'first_conv': 'patch_embed.proj',
-            'classifier': 'head', 'license': 'apache-2.0', 'origin_url': 'https://github.com/youweiliang/evit',
-            'paper_name': 'Not All Patches are What You Need: Expediting Vision Transformers via Token '
-                          'Reorganizations', 'paper_ids': 'arXiv:2202.07800', **kwargs}
+    return pretrained_cfg(size, num_classes, crop_pct=0.9 if size == 224 else 1.0, fixed_input_size=size == 224,
+                          license='apache-2.0', origin_url='https://github.com/youweiliang/evit',
+                          paper_name='Not All Patches are What You Need: Expediting Vision Transformers via Token '
+                                     'Reorganizations', paper_ids='arXiv:2202.07800', **kwargs)
 
 
 def _deit_weights(deit_name, checkpoint):

@@ -28,8 +28,6 @@ def get_args_parser():
                    help="DeiT's Cosub: co-train two stochastic-depth submodels of the model on each batch (BCE)")
     g.add_argument('--skip-nonfinite', default=0, type=int, metavar='N',
                    help='skip up to N steps whose loss is NaN / inf before stopping (default: stop at the first)')
-    g.add_argument('--inject-nonfinite', default=-1, type=int, metavar='STEP',
-                   help='fault injection for testing the guard: make the loss NaN at this global update')
 
     g = p.add_argument_group('training on a budget, multi-size training (the 24-hour paper)')
     g.add_argument('--time-budget', type=float, default=None, metavar='HOURS',
@@ -65,9 +63,8 @@ def get_args_parser():
     g.add_argument('--localvit-act', default=None, choices=localvit_models.LOCALVIT_ACTS,
                    help='activation (+ channel attention) of the local FFN; default: hs with --localvit, '
                         'hs+se for localvit_* models')
-    g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (default on)')
-    g.add_argument('--no-model-ema', action='store_false', dest='model_ema')
-    p.set_defaults(model_ema=True)
+    g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True,
+                   help='keep an EMA of the weights')
     g.add_argument('--model-ema-decay', type=float, default=0.99996)
     g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA weights on the CPU')
 
@@ -107,10 +104,10 @@ def get_args_parser():
     g.add_argument('--train-interpolation', type=str, default='bicubic',
                    help='random, bilinear or bicubic')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
-    g.add_argument('--repeated-aug', action='store_true', help='repeated augmentation (default on)')
-    g.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
-    p.set_defaults(repeated_aug=True)
-    g.add_argument('--ThreeAugment', action='store_true', help="DeiT III's 3-Augment")
+    g.add_argument('--repeated-aug', action=argparse.BooleanOptionalAction, default=True,
+                   help='repeated augmentation, under a distributed launch as in DeiT')
+    g.add_argument('--three-augment', '--ThreeAugment', dest='ThreeAugment', action='store_true',
+                   help="DeiT III's 3-Augment")
     g.add_argument('--src', action='store_true', help='simple random crop (with --ThreeAugment)')
     g.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erase probability')
     g.add_argument('--remode', type=str, default='pixel', help='random erase mode')
@@ -125,19 +122,19 @@ def get_args_parser():
     g.add_argument('--mixup-mode', type=str, default='batch', choices=['batch', 'pair', 'elem'])
 
     g = p.add_argument_group('token reorganisation (EViT models)')
-    g.add_argument('--base_keep_rate', type=float, default=None,
+    g.add_argument('--base-keep-rate', '--base_keep_rate', dest='base_keep_rate', type=float, default=None,
                    help="fraction of patch tokens kept at each keep layer; unset: the model's own (0.7)")
-    g.add_argument('--fuse_token', action='store_true', help='fuse the dropped tokens into one extra token')
-    g.add_argument('--drop_loc', default=None, type=str, help="keep layers, e.g. '(3, 6, 9)'; unset: the model's own")
-    g.add_argument('--shrink_start_epoch', default=10, type=int, help='keep every token until this epoch')
-    g.add_argument('--shrink_epochs', default=100, type=int,
+    g.add_argument('--fuse-token', '--fuse_token', dest='fuse_token', action='store_true', help='fuse the dropped tokens into one extra token')
+    g.add_argument('--drop-loc', '--drop_loc', dest='drop_loc', default=None, type=str, help="keep layers, e.g. '(3, 6, 9)'; unset: the model's own")
+    g.add_argument('--shrink-start-epoch', '--shrink_start_epoch', dest='shrink_start_epoch', default=10, type=int, help='keep every token until this epoch')
+    g.add_argument('--shrink-epochs', '--shrink_epochs', dest='shrink_epochs', default=100, type=int,
                    help='epochs of cosine decay of the keep rate from 1 to --base_keep_rate (0: at once)')
-    g.add_argument('--test_speed', action='store_true', help='print inference img/s (batch 64) before training')
-    g.add_argument('--only_test_speed', action='store_true', help='print inference img/s and exit')
+    g.add_argument('--test-speed', '--test_speed', dest='test_speed', action='store_true', help='print inference img/s (batch 64) before training')
+    g.add_argument('--only-test-speed', '--only_test_speed', dest='only_test_speed', action='store_true', help='print inference img/s and exit')
 
-    g.add_argument('--visualize_mask', action='store_true',
+    g.add_argument('--visualize-mask', '--visualize_mask', dest='visualize_mask', action='store_true',
                    help='EViT: after evaluation, write pictures of the kept / fused patches to output_dir/masks')
-    g.add_argument('--n_visualization', default=128, type=int, help='how many validation images to draw')
+    g.add_argument('--n-visualization', '--n_visualization', dest='n_visualization', default=128, type=int, help='how many validation images to draw')
 
     g = p.add_argument_group('distillation (DeiT)')
     g.add_argument('--teacher-model', default='regnety_160', type=str, metavar='NAME',
@@ -152,10 +149,9 @@ def get_args_parser():
                    'are adapted to this run')
     g.add_argument('--attn-only', action='store_true',
                    help="3Things: train only the attention weights, position embedding and classifier")
-    g.add_argument('--train-mode', action='store_true', help='train in train mode (default)')
-    g.add_argument('--no-train-mode', action='store_false', dest='train_mode',
-                   help='train in eval mode: no dropout or drop path, BatchNorm statistics frozen (DeiT)')
-    p.set_defaults(train_mode=True)
+    g.add_argument('--train-mode', action=argparse.BooleanOptionalAction, default=True,
+                   help='train in train mode; --no-train-mode: in eval mode, no dropout or drop path, BatchNorm '
+                        'statistics frozen (DeiT)')
 
     g = p.add_argument_group('data')
     g.add_argument('--data-path', default=None, type=str, help='dataset root')
@@ -174,19 +170,18 @@ def get_args_parser():
                    help='skip unreadable image files (counted in the log) instead of stopping')
     g.add_argument('--fake-size', default=1280, type=int, help='FAKE: training images (val gets a fifth)')
     g.add_argument('--fake-classes', default=1000, type=int, help='FAKE: number of classes')
-    g.add_argument('--num_workers', default=10, type=int)
-    g.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the DataLoader (default on)')
-    g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
-    p.set_defaults(pin_mem=True)
+    g.add_argument('--num-workers', '--num_workers', dest='num_workers', default=10, type=int)
+    g.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True,
+                   help='pin CPU memory in the DataLoader')
 
     g = p.add_argument_group('run')
     g.add_argument('-c', '--config', default='', metavar='FILE.yaml',
                    help='recipe: a YAML file of flag values (dest: value); flags on the command line override it')
-    g.add_argument('--output_dir', default='', help='where checkpoints and logs go; empty: save nothing')
+    g.add_argument('--output-dir', '--output_dir', dest='output_dir', default='', help='where checkpoints and logs go; empty: save nothing')
     g.add_argument('--device', default='auto', help='cuda, cuda:N, cpu, or auto (cuda when available)')
     g.add_argument('--seed', default=0, type=int)
     g.add_argument('--resume', default='', help='checkpoint path or URL to resume from')
-    g.add_argument('--start_epoch', default=0, type=int, metavar='N', help='first epoch when not resuming')
+    g.add_argument('--start-epoch', '--start_epoch', dest='start_epoch', default=0, type=int, metavar='N', help='first epoch when not resuming')
     g.add_argument('--eval', action='store_true', help='evaluate only')
     g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='center-crop ratio at evaluation')
     g.add_argument('--dist-eval', action='store_true', help='split evaluation over ranks')
@@ -199,7 +194,7 @@ def get_args_parser():
                    help='start afresh in an output_dir that holds another run\'s checkpoint')
 
     g = p.add_argument_group('distributed')
-    g.add_argument('--dist_url', default='env://', help='process-group init method')
+    g.add_argument('--dist-url', '--dist_url', dest='dist_url', default='env://', help='process-group init method')
     g.add_argument('--dist-backend', default=None, help='default: nccl on CUDA, gloo on CPU')
     g.add_argument('--dist-timeout', default=30, type=int, help='minutes before a hung collective fails')
 
@@ -220,7 +215,8 @@ def parse_args(argv=None, parser=None):
 
 
 def read_config(path, parser):
-    """{dest: value} from a YAML recipe whose keys are flag names without dashes (warmup_epochs or warmup-epochs)."""
+    """{dest: value} from a YAML recipe whose keys are flags without the leading dashes (warmup-epochs,
+    warmup_epochs, three-augment or ThreeAugment)."""
     try:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
@@ -228,14 +224,16 @@ def read_config(path, parser):
         raise UserError(f'--config {path} cannot be read ({type(e).__name__}); pass a YAML file of flag: value') from e
     if not isinstance(values, dict):
         raise UserError(f'--config {path} is not a mapping of flag: value; write one "flag: value" per line')
-    dests = {action.dest for action in parser._actions}
-    config = {str(key).replace('-', '_'): value for key, value in values.items()}
-    unknown = sorted(set(config) - dests)
+    names = {action.dest: action.dest for action in parser._actions}  # a key is a dest or a flag without dashes
+    names.update({option.lstrip('-').replace('-', '_'): action.dest for action in parser._actions
+                  for option in action.option_strings})
+    keys = {str(key): str(key).replace('-', '_') for key in values}
+    unknown = sorted(key for key, name in keys.items() if name not in names)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], dests, n=1)
+        close = difflib.get_close_matches(unknown[0], list(names), n=1)
         raise UserError(f'--config {path}: unknown flag {unknown[0]!r}'
                         f'{f" (did you mean {close[0]!r}?)" if close else ""}; see python main.py --help')
-    return config
+    return {names[keys[key]]: value for key, value in values.items()}
 
 
 # ---------------------------------------------------------------- ranges
@@ -245,7 +243,7 @@ INF = math.inf
 # --clip-grad 0 means no clipping, as does leaving it out.
 FLAG_RANGES = {
     'batch_size': (1, INF, '[)'), 'epochs': (1, INF, '[)'), 'accum_iter': (1, INF, '[)'),
-    'skip_nonfinite': (0, INF, '[)'), 'inject_nonfinite': (-1, INF, '[)'), 'time_budget': (0, INF, '()'),
+    'skip_nonfinite': (0, INF, '[)'), 'time_budget': (0, INF, '()'),
     'init_size': (1, INF, '[)'), 'epoch_step': (1, INF, '[)'), 'patch_step': (1, INF, '[)'),
     'input_size': (1, INF, '[)'), 'drop': (0, 1, '[)'), 'drop_path': (0, 1, '[)'), 'layer_scale': (0, INF, '()'),
     'model_ema_decay': (0, 1, '[]'), 'opt_eps': (0, INF, '()'), 'opt_betas': (0, 1, '[)'),

@@ -7,6 +7,7 @@ Each entry is `name(pretrained=False, checkpoint_path=None, **kwargs)`; kwargs g
 """
 import timm
 
+import checkpoints
 import models  # noqa: F401 - importing it registers every family of ours in timm
 import utils
 
@@ -44,28 +45,12 @@ def _create_pretrained(name, kwargs):
 
 
 def _load_checkpoint(model, name, path):
-    """A main.py checkpoint ({'model': ..., 'model_ema': ...}), a bare state dict, or a .safetensors file."""
+    """A main.py or DeiT checkpoint, a bare state dict, or a .safetensors file, through the training's own loader."""
     try:
-        checkpoint = utils.load_checkpoint(str(path))
+        checkpoints.load_weights(model, str(path), 'checkpoint_path', fix=f'pass a checkpoint of {name} built with '
+                                 'the same kwargs (num_classes=, img_size=, ...)')
     except utils.UserError as e:
         raise ValueError(str(e)) from e
-    state = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f'{path} holds no state dict; pass a checkpoint written by main.py or torch.save')
-    _check_fits(model, state, name, path)
-    model.load_state_dict(state)
-
-
-def _check_fits(model, state, name, path):
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    problems = [f'{label} {keys[:3]}' for label, keys in
-                (('missing', missing), ('unexpected', unexpected), ('other shapes for', reshaped)) if keys]
-    if problems:
-        raise ValueError(f'{path} does not fit {name} ({"; ".join(problems)}); pass a checkpoint of {name} '
-                         'built with the same kwargs (num_classes=, img_size=, ...)')
 
 
 def _entry(name, module):

@@ -16,16 +16,18 @@ Linear -> act -> depth-wise 3x3 -> act -> optional channel attention -> Linear, 
 Activation names follow the original code: 'relu' / 'relu6' / 'hs' (h-swish) for the FFN's activations,
 '+se' (squeeze-excitation with an h-sigmoid gate), '+eca' / '+ecah' (ECA with a sigmoid / h-sigmoid gate).
 """
+from collections import namedtuple
 import math
 from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import EcaModule
 from timm.models import (VisionTransformer, VisionTransformerDistilled, build_model_with_cfg,
                          generate_default_cfgs, register_model)
 from timm.models.vision_transformer import Block
+
+from model_parts import pretrained_cfg
 
 LOCALVIT_ACTS = ('relu', 'relu6', 'hs', 'hs+se', 'hs+eca', 'hs+ecah')
 IMPROVED_LOCALVIT_ACTS = ('relu6', 'hs', 'hs+se', 'hs+eca', 'hs+ecah')  # what `--localvit-act` takes there
@@ -222,31 +224,23 @@ class LocalViTBlock(Block):
         self.drop_path2 = nn.Identity()
 
 
-# name: (patch size, image size, embed dim, depth, heads, SE reduction, distillation token)
+Size = namedtuple('Size', 'patch img dim depth heads se_reduction distilled')
 LOCALVIT_SIZES = {
-    'localvit_tiny_patch16_224': (16, 224, 192, 12, 4, 192, False),
-    'localvit_tiny_se4_patch16_224': (16, 224, 192, 12, 4, 4, False),
-    'localvit_small_patch16_224': (16, 224, 384, 12, 8, 384, False),
-    'localvit_tiny_patch4_32': (4, 32, 192, 12, 4, 192, False),
-    'localvit_micro_patch2_16': (2, 16, 48, 2, 2, 48, False),  # the test size: seconds on a CPU
-    'localvit_tiny_distilled_patch16_224': (16, 224, 192, 12, 4, 192, True),
-    'localvit_small_distilled_patch16_224': (16, 224, 384, 12, 8, 384, True),
-    'localvit_tiny_distilled_patch4_32': (4, 32, 192, 12, 4, 192, True),
-    'localvit_micro_distilled_patch2_16': (2, 16, 48, 2, 2, 48, True),
+    'localvit_tiny_patch16_224': Size(16, 224, 192, 12, 4, 192, False),
+    'localvit_tiny_se4_patch16_224': Size(16, 224, 192, 12, 4, 4, False),
+    'localvit_small_patch16_224': Size(16, 224, 384, 12, 8, 384, False),
+    'localvit_tiny_patch4_32': Size(4, 32, 192, 12, 4, 192, False),
+    'localvit_micro_patch2_16': Size(2, 16, 48, 2, 2, 48, False),  # the test size: seconds on a CPU
+    'localvit_tiny_distilled_patch16_224': Size(16, 224, 192, 12, 4, 192, True),
+    'localvit_small_distilled_patch16_224': Size(16, 224, 384, 12, 8, 384, True),
+    'localvit_tiny_distilled_patch4_32': Size(4, 32, 192, 12, 4, 192, True),
+    'localvit_micro_distilled_patch2_16': Size(2, 16, 48, 2, 2, 48, True),
 }
 NUM_CLASSES_BY_IMAGE_SIZE = {224: 1000, 32: 100, 16: 10}
 
 
-def _cfg(image_size, distilled):
-    return {'url': '', 'num_classes': NUM_CLASSES_BY_IMAGE_SIZE[image_size],
-            'input_size': (3, image_size, image_size), 'pool_size': None,
-            'crop_pct': 0.875 if image_size == 224 else 1.0, 'interpolation': 'bicubic',
-            'fixed_input_size': False, 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-            'first_conv': 'patch_embed.proj', 'classifier': ('head', 'head_dist') if distilled else 'head'}
-
-
 default_cfgs = generate_default_cfgs({
-    name: _cfg(size[1], size[6]) for name, size in LOCALVIT_SIZES.items()})
+    name: pretrained_cfg(size[1], NUM_CLASSES_BY_IMAGE_SIZE[size[1]], size[6]) for name, size in LOCALVIT_SIZES.items()})
 
 
 def _create_localvit(name, pretrained=False, act='hs+se', se_reduction=None, **kwargs):

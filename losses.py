@@ -3,6 +3,8 @@ import timm
 import torch
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from checkpoints import load_weights
+from model_factory import create_at_size
 from utils import UserError, load_checkpoint, model_weights
 
 
@@ -91,25 +93,12 @@ def build_teacher(name, path, num_classes, input_size, device):
                         '(and --teacher-model NAME)')
     if not timm.is_model(name):
         raise UserError(f'unknown --teacher-model {name}; pass a timm model name or one of ours')
-    state = model_weights(load_checkpoint(path), path)
-    teacher = _create_at_size(name, num_classes, input_size)
-    _check_teacher_classes(teacher, state, path, num_classes)
-    try:
-        teacher.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f'--teacher-path {path} does not fit --teacher-model {name} at --input-size {input_size} '
-                        f'({str(e).strip().splitlines()[-1].strip()[:120]}); pass the model it was trained as') from e
+    teacher = create_at_size(name, input_size, num_classes=num_classes)
+    ckpt = load_checkpoint(path)
+    _check_teacher_classes(teacher, model_weights(ckpt, path), path, num_classes)
+    load_weights(teacher, path, '--teacher-path', ckpt=ckpt,
+                 fix=f'pass the --teacher-model it was trained as, at --input-size {input_size}')
     return teacher.to(device).eval().requires_grad_(False)
-
-
-def _create_at_size(name, num_classes, input_size):
-    native = timm.get_pretrained_cfg_value(name, 'input_size')
-    if native is not None and native[-1] != input_size:
-        try:
-            return timm.create_model(name, num_classes=num_classes, img_size=input_size)
-        except TypeError:  # convnets take any size and have no img_size argument
-            pass
-    return timm.create_model(name, num_classes=num_classes)
 
 
 def _check_teacher_classes(teacher, state, path, num_classes):
@@ -119,3 +108,38 @@ def _check_teacher_classes(teacher, state, path, num_classes):
         if weight is not None and weight.shape[0] != num_classes:
             raise UserError(f'teacher {path} predicts {weight.shape[0]} classes but the data set has '
                             f'{num_classes}; use a teacher trained on the same classes')
+
+
+# ---------------------------------------------------------------- from the flags
+
+def build_criterion(args, model, mixup_active, device):
+    """The base criterion, wrapped in DeiT's distillation loss with its teacher when one is asked for."""
+    if args.cosub:
+        return cosub_criterion(args)
+    base = build_base_criterion(mixup_active, args.smoothing, args.bce_loss)
+    if args.distillation_type == 'none':
+        return DistillationLoss(base)
+    if args.finetune:
+        raise UserError('fine-tuning with distillation is not supported (as in DeiT); '
+                        'drop --finetune or set --distillation-type none')
+    if not hasattr(model, 'set_distilled_training'):
+        raise UserError(f'{args.model} has no distillation token for --distillation-type {args.distillation_type}; '
+                        'pick a *_distilled_* model, e.g. deit_small_distilled_patch16_224')
+    model.set_distilled_training(True)
+    teacher = build_teacher(args.teacher_model, args.teacher_path, args.nb_classes, args.input_size, device)
+    return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha,
+                                   args.distillation_tau)
+
+
+def cosub_criterion(args):
+    """DeiT's co-training loss; the two submodels differ only by their stochastic-depth draws."""
+    if args.distillation_type != 'none':
+        raise UserError('--cosub replaces the loss (as in DeiT) and takes no teacher; '
+                        'drop --cosub or set --distillation-type none')
+    if args.drop_path <= 0:
+        raise UserError('--cosub co-trains two stochastic-depth submodels and needs --drop-path > 0 '
+                        '(DeiT uses 0.05-0.5)')
+    if not args.train_mode:
+        raise UserError('--cosub needs stochastic depth, which --no-train-mode switches off; drop one of the two')
+    return CosubLoss(args.nb_classes, smoothing=0.0 if args.bce_loss else args.smoothing,
+                            binarize=args.bce_loss)

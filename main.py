@@ -1,6 +1,5 @@
 """Train and evaluate DeiT-style vision transformers: flags -> build everything -> epoch loop."""
 import argparse
-import math
 import os
 import re
 import sys
@@ -8,13 +7,13 @@ from typing import NamedTuple
 
 import torch
 
-from timm.data import Mixup
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 import engine
+import evit_models
+import losses
 import model_factory
+import optimization
 import schedules
 import utils
 import visualize
@@ -41,91 +40,17 @@ def amp_dtype(args):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
 
 
-def train_size_schedule(args):
-    """The resolution schedule of a multi-size run (--size-schedule or --is-multisize), else None."""
-    if args.size_schedule:
-        try:
-            return schedules.parse_size_schedule(args.size_schedule)
-        except ValueError as e:
-            raise UserError(f'--size-schedule {args.size_schedule!r}: {e}; write e.g. 0:32,5:64,10:128') from e
-    if args.is_multisize:
-        return schedules.paper_multisize_schedule(args.init_size, args.epoch_step, args.patch_step, args.input_size)
-    return None
-
-
 def at_size(args, size):
     """A copy of args with another --input-size, for the transforms of one multi-size stage."""
     return argparse.Namespace(**dict(vars(args), input_size=size))
-
-
-def updates_per_epoch(args, num_train_items, batch_size=None):
-    batch_size = batch_size or args.batch_size
-    world = utils.get_world_size()
-    per_rank = math.ceil(num_train_items / world)
-    updates = per_rank // batch_size // args.accum_iter
-    if updates < 1:
-        raise UserError(f'the training set has {num_train_items} images, fewer than one update needs '
-                        f'({batch_size} x {world} ranks x {args.accum_iter} accum-iter); '
-                        'lower --batch-size or --accum-iter')
-    return updates
-
-
-def scale_lr(args):
-    global_batch = args.batch_size * utils.get_world_size() * args.accum_iter
-    if not args.unscale_lr:
-        args.lr = args.lr * global_batch / 512.0
-    return args.lr
-
-
-def run_epochs(args):
-    """Epochs the run trains: --epochs, plus the cool-down with --train-cooldown."""
-    return args.epochs + (args.cooldown_epochs if args.train_cooldown else 0)
-
-
-def build_scheduler(args, optimizer, n_updates):
-    """DeiT's schedule (timm's, over --epochs; its cool-down comes after them), stepped every update: the LR at the
-    first update of epoch e is the LR DeiT's per-epoch scheduler gives epoch e."""
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-        warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
-        noise_std=args.lr_noise_std, noise_seed=args.seed, step_on_epochs=False, updates_per_epoch=n_updates)
-    return scheduler
-
-
-def build_optimizer(args, model, device):
-    """timm's factory; weight decay skips norms, biases and the model's no_weight_decay() names."""
-    extra = {}
-    if args.opt_betas is not None:
-        extra['betas'] = tuple(args.opt_betas)
-    if args.opt == 'adamw' and device.type == 'cuda':
-        extra['fused'] = True
-    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                               momentum=args.momentum, eps=args.opt_eps, filter_bias_and_bn=True, **extra)
-
-
-def build_mixup(args):
-    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
-        return None
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                 label_smoothing=0.0 if args.bce_loss else args.smoothing, num_classes=args.nb_classes)
 
 
 def report_speed(args, model, device):
     """EViT's speed test: inference images/s at batch 64, fp32, random inputs."""
     warmup, iters = (10, 100) if device.type == 'cuda' else (2, 10)
     speed = engine.measure_throughput(model, 64, args.input_size, device, iters=iters, warmup=warmup)
-    if utils.is_main_process():
-        print(f'| speed test: {speed:.1f} images/s ({args.model}, batch 64, {args.input_size} px, fp32, '
-              f'{iters} timed iterations on {device.type})', flush=True)
-
-
-def agreed(flags, device):
-    """Each flag True on every rank when it is True on any rank."""
-    if not utils.is_dist_avail_and_initialized():
-        return list(flags)
-    return [v > 0 for v in utils.all_reduce_sum([1.0 if f else 0.0 for f in flags], device)]
+    utils.log(f'| speed test: {speed:.1f} images/s ({args.model}, batch 64, {args.input_size} px, fp32, '
+              f'{iters} timed iterations on {device.type})')
 
 
 class UpdateHook:
@@ -146,7 +71,7 @@ class UpdateHook:
         self.timer = self.timer or utils.Timer()
         inside = done < self.state.updates_per_epoch
         out_of_time = self.budget is not None and self.budget.over() and inside
-        signalled, out_of_time = agreed([self.stop_signal.requested, out_of_time], self.device)
+        signalled, out_of_time = utils.any_rank([self.stop_signal.requested, out_of_time], self.device)
         stop = signalled or out_of_time
         if stop or (self.save_every > 0 and done % self.save_every == 0 and inside):
             self.writer.save_mid_epoch(epoch, done, metrics.synchronized_state(self.device), signalled)
@@ -181,23 +106,25 @@ def build_models(args, device):
 
 
 def build_train_state(args, model, model_ema, n_updates, device):
-    optimizer = build_optimizer(args, model, device)
+    optimizer = optimization.build_optimizer(args, model, device)
     state = engine.TrainState(
-        optimizer=optimizer, lr_scheduler=build_scheduler(args, optimizer, n_updates),
+        optimizer=optimizer, lr_scheduler=optimization.build_scheduler(args, optimizer, n_updates),
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'), amp_dtype=amp_dtype(args),
-        mixup_fn=build_mixup(args), model_ema=model_ema, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
+        mixup_fn=optimization.build_mixup(args), model_ema=model_ema, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
         updates_per_epoch=n_updates, print_freq=args.print_freq, batch_size=args.batch_size,
-        skip_nonfinite=args.skip_nonfinite, inject_nonfinite_at=args.inject_nonfinite, train_mode=args.train_mode,
+        skip_nonfinite=args.skip_nonfinite, train_mode=args.train_mode,
         cosub=args.cosub)
-    state.before_update = model_factory.keep_rate_schedule(
-        args, [model] + ([model_ema.module] if model_ema else []), n_updates)
+    if model_factory.is_evit(args.model):
+        state.before_update = evit_models.KeepRateSchedule(
+            [model] + ([model_ema.module] if model_ema else []), n_updates,
+            args.base_keep_rate or min(model.keep_rates), args.shrink_start_epoch, args.shrink_epochs)
     return state
 
 
 def build_plan(args, sizes, clock, train_state, n_updates):
     """The run plan; under a budget or --multisize-batch the LR follows the plan's progress, not the update count."""
     budget = schedules.Budget(args.time_budget, clock) if args.time_budget else None
-    plan = schedules.RunPlan(run_epochs(args), args.input_size, args.batch_size, sizes, budget,
+    plan = schedules.RunPlan(optimization.run_epochs(args), args.input_size, args.batch_size, sizes, budget,
                              args.multisize_batch, args.eval_on_final_size)
     if budget is not None or args.multisize_batch:
         train_state.lr_scheduler = schedules.ProgressLR(train_state.lr_scheduler, plan.epochs * n_updates,
@@ -206,7 +133,7 @@ def build_plan(args, sizes, clock, train_state, n_updates):
 
 
 def check_something_to_do(args, resume_path):
-    if not resume_path and not args.eval and not args.time_budget and args.start_epoch >= run_epochs(args):
+    if not resume_path and not args.eval and not args.time_budget and args.start_epoch >= optimization.run_epochs(args):
         raise UserError(f'--start_epoch {args.start_epoch} leaves nothing to train in --epochs {args.epochs} and '
                         'there is no checkpoint to resume; lower --start_epoch or raise --epochs')
     if args.eval and not (resume_path or args.finetune):
@@ -281,7 +208,7 @@ def main(args):
     check_output_dir(args.output_dir)
     utils.end_workers_at_exit()
     device = resolve_config(args)
-    sizes = train_size_schedule(args)
+    sizes = schedules.size_schedule_from_flags(args)
     dataset_train, class_names = build_dataset(True, args)
     dataset_val, _ = build_dataset(False, args)
     report_skipped_files(dataset_train, dataset_val)
@@ -289,10 +216,10 @@ def main(args):
     model, model_ema = build_models(args, device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loader_val = build_val_loader(args, dataset_val)
-    n_updates = updates_per_epoch(args, len(dataset_train))
-    scale_lr(args)
+    n_updates = optimization.updates_per_epoch(args, len(dataset_train))
+    optimization.scale_lr(args)
     train_state = build_train_state(args, model, model_ema, n_updates, device)
-    criterion = model_factory.build_criterion(args, model, train_state.mixup_fn is not None, device)
+    criterion = losses.build_criterion(args, model, train_state.mixup_fn is not None, device)
     if args.test_speed or args.only_test_speed:
         report_speed(args, model, device)
         if args.only_test_speed:
@@ -320,8 +247,7 @@ def main(args):
     if utils.is_main_process():
         print_run_line(args, model, n_parameters, dataset_train, dataset_val, plan.budget, n_updates)
     if plan.over(args.start_epoch):
-        if utils.is_main_process():
-            print(f'| nothing left to train: the checkpoint finished epoch {args.start_epoch - 1} '
+        utils.log(f'| nothing left to train: the checkpoint finished epoch {args.start_epoch - 1} '
                   f'({utils.format_seconds(clock.elapsed())} of training)')
         engine.evaluate(loader_val, model, **eval_kwargs)
         return
@@ -330,8 +256,7 @@ def main(args):
     stopped = train(args, plan, loops, writer, (dataset_train, dataset_val, loader_val), start, tb_writer)
     if stopped:
         return
-    if utils.is_main_process():
-        print(f'| training time {utils.format_seconds(clock.elapsed())}; max accuracy {writer.best:.2f}%')
+    utils.log(f'| training time {utils.format_seconds(clock.elapsed())}; max accuracy {writer.best:.2f}%')
     if args.visualize_mask:
         visualize.save_keep_masks(model, dataset_val, args.output_dir, args.n_visualization, device, class_names)
 
@@ -357,7 +282,7 @@ def train(args, plan, loops, writer, data, start, tb_writer):
         if plan.stage(epoch) != stage:
             previous, stage = stage, plan.stage(epoch)
             loader_train, loader_val = enter_stage(args, dataset_train, dataset_val, stage, previous, loader_val)
-            loops.state.updates_per_epoch = updates_per_epoch(args, len(dataset_train), stage.batch)
+            loops.state.updates_per_epoch = optimization.updates_per_epoch(args, len(dataset_train), stage.batch)
             loops.state.batch_size = stage.batch
         plan.epoch_started(epoch, loops.state.updates_per_epoch)
         loader_train.sampler.set_epoch(epoch, start=step * stage.batch * args.accum_iter)
@@ -365,9 +290,7 @@ def train(args, plan, loops, writer, data, start, tb_writer):
                                                       loops.eval_kwargs['device'], epoch, loops.state, start_step=step,
                                                       start_metrics=metrics)
         if stopped and writer.last.get('signalled'):
-            if utils.is_main_process():
-                print(f'| stopped by signal in epoch {epoch}; checkpoint saved, run the same command to resume',
-                      flush=True)
+            utils.log(f'| stopped by signal in epoch {epoch}; checkpoint saved, run the same command to resume')
             return True
         finish = utils.Timer()
         stats = evaluate_and_save(args, loops, loader_val, writer, epoch, stopped)
@@ -403,8 +326,7 @@ def evaluate_and_save(args, loops, loader_val, writer, epoch, stopped):
     if stopped:
         stats['updates_done'] = writer.last['done']
     stats['max_accuracy'] = best
-    if utils.is_main_process():
-        print(f'| epoch {epoch}: acc1 {test_stats["acc1"]:.2f}% (max {best:.2f}%)', flush=True)
+    utils.log(f'| epoch {epoch}: acc1 {test_stats["acc1"]:.2f}% (max {best:.2f}%)')
     return stats
 
 

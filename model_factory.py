@@ -2,14 +2,12 @@
 schedule, and the training criterion with its distillation teacher."""
 import ast
 import difflib
-import math
 
 import timm
-from timm.layers import DropPath, resample_abs_pos_embed
+from timm.layers import DropPath
 
-import evit_models
+import checkpoints
 import localvit_models
-import losses
 import models  # registers our model families in timm
 import utils
 from utils import UserError
@@ -69,19 +67,6 @@ def parse_drop_loc(text):
         raise UserError(f"--drop_loc {text!r} is not a list of block indices; write it as '(3, 6, 9)'") from e
 
 
-def keep_rate_schedule(args, models_to_set, updates_per_epoch):
-    """EViT's per-step keep-rate warm-up for the model and its EMA; None for other models."""
-    if not is_evit(args.model):
-        return None
-    base = args.base_keep_rate or min(models_to_set[0].keep_rates)
-
-    def set_rate(step):
-        rate = evit_models.keep_rate_at(step, updates_per_epoch, base, args.shrink_start_epoch, args.shrink_epochs)
-        for m in models_to_set:
-            m.set_keep_rate(rate)
-    return set_rate
-
-
 def flag_names(options):
     names = {'init_values': '--layer-scale', 'mlp_layer': '--localvit', 'qkv_bias': '--localvit',
              'act': '--localvit-act',
@@ -93,6 +78,15 @@ def flag_names(options):
 SIZE_OPTIONS = ('dynamic_img_size', 'img_size')  # what models that take any input size (convnets, DHVT) lack
 
 
+def create_at_size(name, input_size, **kwargs):
+    """timm.create_model at `input_size`: img_size is passed only where it differs from the model's native size,
+    and dropped (with dynamic_img_size) for models that take any size as they are (convnets, DHVT)."""
+    native = timm.get_pretrained_cfg_value(name, 'input_size')
+    if native is not None and native[-1] != input_size:
+        kwargs['img_size'] = input_size
+    return _create(name, kwargs)
+
+
 def _create(name, kwargs):
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
@@ -100,7 +94,6 @@ def _create(name, kwargs):
         unsupported = [k for k in SIZE_OPTIONS if k in kwargs and f"'{k}'" in str(e)]
         if not unsupported:
             raise
-        # models without position embeddings or a fixed grid take every size as they are
         return _create(name, {k: v for k, v in kwargs.items() if k not in unsupported})
 
 
@@ -110,12 +103,9 @@ def build_model(args):
         hint = f'did you mean {", ".join(close)}?' if close else 'see timm.list_models() for the names'
         raise UserError(f'unknown model {args.model}; {hint}')
     options = model_options(args)
-    kwargs = dict(num_classes=args.nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path, **options)
-    native = timm.get_pretrained_cfg_value(args.model, 'input_size')
-    if native is not None and native[-1] != args.input_size:
-        kwargs['img_size'] = args.input_size
     try:
-        model = _create(args.model, kwargs)
+        model = create_at_size(args.model, args.input_size, num_classes=args.nb_classes, drop_rate=args.drop,
+                               drop_path_rate=args.drop_path, **options)
     except TypeError as e:
         if options and 'unexpected keyword' in str(e):
             raise UserError(f'{args.model} does not support {flag_names(options)} ({e}); '
@@ -177,61 +167,6 @@ def train_class_head_only(model, args):
 
 def load_finetune_weights(model, path):
     """Start from another run's weights: drop a head of another class count, resize the position embedding."""
-    state = dict(utils.model_weights(utils.load_checkpoint(path), path))
-    own = model.state_dict()
-    for key in [k for k in state if k.startswith(('head.', 'head_dist.'))]:
-        if key in own and state[key].shape != own[key].shape:
-            print(f'| finetune: dropping {key} {tuple(state[key].shape)} (model has {tuple(own[key].shape)})')
-            del state[key]
-    if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
-        prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens
-        new_grid = model.patch_embed.grid_size
-        old_tokens = state['pos_embed'].shape[1] - prefix
-        old_side = int(math.sqrt(old_tokens))
-        state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=list(new_grid),
-                                                    old_size=[old_side, old_side], num_prefix_tokens=prefix)
-        print(f'| finetune: position embedding {old_side}x{old_side} -> {new_grid[0]}x{new_grid[1]}')
-    reshaped = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if reshaped:
-        key = reshaped[0]
-        raise UserError(f'--finetune {path} does not fit this model: {key} is {tuple(state[key].shape)} there and '
-                        f'{tuple(own[key].shape)} here; is it a checkpoint of another model?')
-    result = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in result.unexpected_keys]
-    if unexpected:
-        raise UserError(f'--finetune {path} holds weights this model lacks ({unexpected[:3]}...); '
-                        f'is it a checkpoint of another model?')
-    print(f'| finetune: loaded {path}; newly initialised: {result.missing_keys}')
-
-
-def build_criterion(args, model, mixup_active, device):
-    """The base criterion, wrapped in DeiT's distillation loss with its teacher when one is asked for."""
-    if args.cosub:
-        return cosub_criterion(args)
-    base = losses.build_base_criterion(mixup_active, args.smoothing, args.bce_loss)
-    if args.distillation_type == 'none':
-        return losses.DistillationLoss(base)
-    if args.finetune:
-        raise UserError('fine-tuning with distillation is not supported (as in DeiT); '
-                        'drop --finetune or set --distillation-type none')
-    if not hasattr(model, 'set_distilled_training'):
-        raise UserError(f'{args.model} has no distillation token for --distillation-type {args.distillation_type}; '
-                        'pick a *_distilled_* model, e.g. deit_small_distilled_patch16_224')
-    model.set_distilled_training(True)
-    teacher = losses.build_teacher(args.teacher_model, args.teacher_path, args.nb_classes, args.input_size, device)
-    return losses.DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha,
-                                   args.distillation_tau)
-
-
-def cosub_criterion(args):
-    """DeiT's co-training loss; the two submodels differ only by their stochastic-depth draws."""
-    if args.distillation_type != 'none':
-        raise UserError('--cosub replaces the loss (as in DeiT) and takes no teacher; '
-                        'drop --cosub or set --distillation-type none')
-    if args.drop_path <= 0:
-        raise UserError('--cosub co-trains two stochastic-depth submodels and needs --drop-path > 0 '
-                        '(DeiT uses 0.05-0.5)')
-    if not args.train_mode:
-        raise UserError('--cosub needs stochastic depth, which --no-train-mode switches off; drop one of the two')
-    return losses.CosubLoss(args.nb_classes, smoothing=0.0 if args.bce_loss else args.smoothing,
-                            binarize=args.bce_loss)
+    _, initialised = checkpoints.load_weights(model, path, '--finetune', finetune=True,
+                                              fix='is it a checkpoint of another model?')
+    utils.log(f'| finetune: loaded {path}; newly initialised: {initialised}')

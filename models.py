@@ -5,8 +5,8 @@ inputs (DIGITS). They are timm VisionTransformers, so every timm feature (dynami
 no_weight_decay) applies unchanged; the distilled sizes are timm's VisionTransformerDistilled (DeiT's
 distillation token and head).
 """
+from collections import namedtuple
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, to_2tuple
 from timm.models import (VisionTransformer, VisionTransformerDistilled, build_model_with_cfg, generate_default_cfgs,
                          register_model)
@@ -15,6 +15,7 @@ import dhvt_models  # noqa: F401 - each family module registers its models in ti
 import evit_models  # noqa: F401
 import localvit_models  # noqa: F401
 import patchconvnet_models  # noqa: F401
+from model_parts import pretrained_cfg
 
 # timm's DeiTs as published: name -> (params in millions, GMACs at 224 px); scripts/model_table.py checks them
 PAPER_FIGURES = {
@@ -23,29 +24,22 @@ PAPER_FIGURES = {
     'deit_base_patch16_224': (86.6, 17.6),
 }
 
-# name: (patch size, native image size, embed dim, depth, heads, distillation token)
+Size = namedtuple('Size', 'patch img dim depth heads distilled')
 SMALL_DEIT_SIZES = {
-    'deit_tiny_patch4_32': (4, 32, 192, 12, 3, False),
-    'deit_small_patch4_32': (4, 32, 384, 12, 6, False),
-    'deit_tiny_patch2_16': (2, 16, 192, 12, 3, False),
-    'deit_small_patch2_16': (2, 16, 384, 12, 6, False),
-    'deit_micro_patch2_16': (2, 16, 48, 2, 2, False),  # the test size: seconds on a CPU
-    'deit_tiny_distilled_patch4_32': (4, 32, 192, 12, 3, True),
-    'deit_small_distilled_patch4_32': (4, 32, 384, 12, 6, True),
-    'deit_tiny_distilled_patch2_16': (2, 16, 192, 12, 3, True),
-    'deit_micro_distilled_patch2_16': (2, 16, 48, 2, 2, True),
+    'deit_tiny_patch4_32': Size(4, 32, 192, 12, 3, False),
+    'deit_small_patch4_32': Size(4, 32, 384, 12, 6, False),
+    'deit_tiny_patch2_16': Size(2, 16, 192, 12, 3, False),
+    'deit_small_patch2_16': Size(2, 16, 384, 12, 6, False),
+    'deit_micro_patch2_16': Size(2, 16, 48, 2, 2, False),  # the test size: seconds on a CPU
+    'deit_tiny_distilled_patch4_32': Size(4, 32, 192, 12, 3, True),
+    'deit_small_distilled_patch4_32': Size(4, 32, 384, 12, 6, True),
+    'deit_tiny_distilled_patch2_16': Size(2, 16, 192, 12, 3, True),
+    'deit_micro_distilled_patch2_16': Size(2, 16, 48, 2, 2, True),
 }
 
 
-def _cfg(size, num_classes, distilled):
-    return {'url': '', 'num_classes': num_classes, 'input_size': (3, size, size), 'pool_size': None,
-            'crop_pct': 1.0, 'interpolation': 'bicubic', 'fixed_input_size': False,
-            'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'first_conv': 'patch_embed.proj',
-            'classifier': ('head', 'head_dist') if distilled else 'head'}
-
-
 default_cfgs = generate_default_cfgs({
-    name: _cfg(size[1], 100 if size[1] == 32 else 10, size[5]) for name, size in SMALL_DEIT_SIZES.items()})
+    name: pretrained_cfg(size[1], 100 if size[1] == 32 else 10, size[5]) for name, size in SMALL_DEIT_SIZES.items()})
 
 
 def _small_deit(name, pretrained=False, **kwargs):

@@ -17,11 +17,10 @@ from collections import namedtuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, SEModule, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from dhvt_models import sope_widths
+from model_parts import pretrained_cfg, sope_widths
 
 __all__ = ['PatchConvnet', 'PATCHCONVNET_SIZES', 'PAPER_FIGURES']
 
@@ -259,14 +258,8 @@ PAPER_FIGURES = {
 }
 
 
-def _cfg(size):
-    return {'url': '', 'num_classes': size.classes, 'input_size': (3, size.img, size.img), 'pool_size': None,
-            'crop_pct': 0.875 if size.img >= 224 else 1.0, 'interpolation': 'bicubic', 'fixed_input_size': False,
-            'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'first_conv': 'patch_embed.proj.0',
-            'classifier': 'head'}
-
-
-default_cfgs = generate_default_cfgs({name: _cfg(size) for name, size in PATCHCONVNET_SIZES.items()})
+default_cfgs = generate_default_cfgs({name: pretrained_cfg(size.img, size.classes, first_conv='patch_embed.proj.0')
+                                       for name, size in PATCHCONVNET_SIZES.items()})
 
 
 def _create(name, pretrained=False, **kwargs):

@@ -8,6 +8,8 @@ import math
 import time
 from typing import NamedTuple
 
+from utils import UserError
+
 
 class Clock:
     """Seconds of run time, continued across resumes: checkpoints store elapsed() and pass it back as offset."""
@@ -158,3 +160,15 @@ class RunPlan:
         batch = batch_for_size(self.batch_size, size, self.sizes.final_size) if self.multisize_batch \
             else self.batch_size
         return Stage(size, batch, self.input_size if self.eval_on_final_size else size)
+
+
+def size_schedule_from_flags(args):
+    """The resolution schedule of a multi-size run (--size-schedule or --is-multisize), else None."""
+    if args.size_schedule:
+        try:
+            return parse_size_schedule(args.size_schedule)
+        except ValueError as e:
+            raise UserError(f'--size-schedule {args.size_schedule!r}: {e}; write e.g. 0:32,5:64,10:128') from e
+    if args.is_multisize:
+        return paper_multisize_schedule(args.init_size, args.epoch_step, args.patch_step, args.input_size)
+    return None

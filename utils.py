@@ -111,6 +111,20 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
+def any_rank(flags, device):
+    """Each flag, True on every rank when it is True on any rank: how ranks agree to skip a step or to stop, so that
+    none of them waits in an all-reduce the others never reach."""
+    if not is_dist_avail_and_initialized():
+        return [bool(f) for f in flags]
+    return [v > 0 for v in all_reduce_sum([1.0 if f else 0.0 for f in flags], device)]
+
+
+def log(message):
+    """Print a progress line on rank 0 only."""
+    if is_main_process():
+        print(message, flush=True)
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -131,13 +145,6 @@ class StopSignal:
         self.requested = True
         print(f'| {name}: will checkpoint at the next step and exit', flush=True)
 
-    def agreed(self, device):
-        """True on every rank when any rank was signalled."""
-        flag = 1.0 if self.requested else 0.0
-        if is_dist_avail_and_initialized():
-            flag = all_reduce_sum([flag], device)[0]
-        return flag > 0
-
 
 def ignore_stop_signals(worker_id=None):
     """DataLoader worker_init_fn: leave the stop signals to the main process, which saves at the next update and
@@ -154,6 +161,18 @@ def end_workers_at_exit():
             child.kill()
             child.join()
     atexit.register(end_workers)
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def count_flops(run):
+    """FLOPs of calling run() (2 per multiply-accumulate, torch's FlopCounterMode), attention's matmuls included:
+    scaled-dot-product attention runs as its math version, which the counter sees."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
 
 
 # ---------------------------------------------------------------- seeding and RNG state
@@ -258,16 +277,16 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
-def model_weights(ckpt, path):
-    """The model state dict of a loaded checkpoint: its 'model' entry (ours, DeiT's), or the file itself when it is
-    a plain state dict."""
-    state = ckpt.get('model', ckpt)
+def model_weights(ckpt, path, key='model'):
+    """The model state dict of a loaded checkpoint: its `key` entry ('model' in ours and DeiT's, or 'model_ema'), or
+    the file itself when it is a plain state dict."""
+    state = ckpt.get(key, ckpt)
     if not isinstance(state, dict) or not state:
-        raise UserError(f'checkpoint {path} holds no model weights (its \'model\' entry is '
+        raise UserError(f'checkpoint {path} holds no model weights (its {key!r} entry is '
                         f'{type(state).__name__}); pass a checkpoint with a model state dict')
     odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if odd is not None:
-        where = 'its \'model\' entry' if 'model' in ckpt else 'it has no \'model\' entry and'
+        where = f'its {key!r} entry' if key in ckpt else f'it has no {key!r} entry and'
         raise UserError(f'checkpoint {path} holds no model weights ({where} {odd!r} is a '
                         f'{type(state[odd]).__name__}, not a tensor); pass a checkpoint with a model state dict')
     return state
@@ -348,6 +367,29 @@ def library_versions():
     import torchvision
     return {'python': sys.version.split()[0], 'torch': torch.__version__, 'torchvision': torchvision.__version__,
             'timm': timm.__version__, 'numpy': np.__version__}
+
+
+def read_log(path):
+    """(header lines, epoch lines) of a run's log.txt, in file order; headers carry 'config', epoch lines 'epoch'.
+    A line cut short (a crash while writing) is left out. `path`: the log or the run's output_dir."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, 'log.txt')):
+            raise ValueError(f'{path} has no log.txt; pass the output_dir of a main.py run')
+        path = os.path.join(path, 'log.txt')
+    elif not os.path.isfile(path):
+        raise ValueError(f'{path} does not exist; pass the output_dir of a main.py run')
+    headers, epochs = [], []
+    with open(path) as f:
+        for text in f:
+            try:
+                entry = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and 'config' in entry:
+                headers.append(entry)
+            elif isinstance(entry, dict) and 'epoch' in entry:
+                epochs.append(entry)
+    return headers, epochs
 
 
 def append_json_line(path, obj):

@@ -34,9 +34,7 @@ import time
 
 import timm
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
 from timm.utils import ModelEmaV3
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,7 +42,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
 import engine  # noqa: E402
 import main as train_main  # noqa: E402
+import losses  # noqa: E402
+import optimization  # noqa: E402
 import model_factory  # noqa: E402
+import utils  # noqa: E402
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 DISTINCT_BATCHES = 4  # synthetic batches are reused in turn: their content does not change the speed
@@ -59,15 +60,9 @@ def training_config(args):
     if not args.mixup:
         flags += ['--mixup', '0', '--cutmix', '0']
     config = train_main.get_args_parser().parse_args(flags)
-    config.nb_classes = args.num_classes
-    train_main.scale_lr(config)
+    config.nb_classes, config.print_freq = args.num_classes, 10 ** 9  # no progress lines inside the timing
+    optimization.scale_lr(config)
     return config
-
-
-def model_size_kwargs(name, input_size):
-    """img_size only where the model's native size differs (models without the argument keep working)."""
-    native = timm.get_pretrained_cfg_value(name, 'input_size')
-    return {'img_size': input_size} if native is not None and native[-1] != input_size else {}
 
 
 class OursLoop:
@@ -79,16 +74,8 @@ class OursLoop:
         self.device = device
         self.model = model_factory.build_model(config).to(device)
         ema = ModelEmaV3(self.model, decay=config.model_ema_decay) if args.model_ema else None
-        optimizer = train_main.build_optimizer(config, self.model, device)
-        steps = max(args.steps, args.warmup)
-        self.state = engine.TrainState(
-            optimizer=optimizer, lr_scheduler=train_main.build_scheduler(config, optimizer, steps),
-            scaler=torch.amp.GradScaler(device.type, enabled=config.amp == 'fp16'),
-            amp_dtype=AMP_DTYPES[config.amp], mixup_fn=train_main.build_mixup(config), model_ema=ema,
-            updates_per_epoch=steps, print_freq=10 ** 9, batch_size=config.batch_size)
-        self.state.before_update = model_factory.keep_rate_schedule(
-            config, [self.model] + ([ema.module] if ema else []), steps)
-        self.criterion = model_factory.build_criterion(config, self.model, self.state.mixup_fn is not None, device)
+        self.state = train_main.build_train_state(config, self.model, ema, max(args.steps, args.warmup), device)
+        self.criterion = losses.build_criterion(config, self.model, self.state.mixup_fn is not None, device)
         self.train_model = torch.compile(self.model) if args.compile else self.model
 
     def run(self, batches):
@@ -103,8 +90,8 @@ class PlainLoop:
 
     def __init__(self, args, device, amp_dtype, compile_model):
         self.device, self.amp_dtype = device, amp_dtype
-        self.model = timm.create_model(args.model, num_classes=args.num_classes, drop_path_rate=args.drop_path,
-                                       **model_size_kwargs(args.model, args.input_size)).to(device)
+        self.model = model_factory.create_at_size(args.model, args.input_size, num_classes=args.num_classes,
+                                                  drop_path_rate=args.drop_path).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-4 * args.batch_size / 512,
                                            weight_decay=0.05)
         self.criterion = torch.nn.CrossEntropyLoss()
@@ -162,11 +149,11 @@ def training_flops_per_image(model, input_size, device, batch=2):
     """FLOPs of one forward + backward per image; a copy of the model, so its gradients stay untouched."""
     counted = copy.deepcopy(model).train()
     images = torch.randn(batch, 3, input_size, input_size, device=device)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    def step():
         output = counted(images)
         output = output[0] if isinstance(output, (tuple, list)) else output
         output.float().sum().backward()
-    return counter.get_total_flops() / batch
+    return utils.count_flops(step) / batch
 
 
 def measure_peak_flops(device, dtype, size, repeats=3):

@@ -7,7 +7,6 @@ train / test loss, top-1 accuracy and learning rate per epoch (default: history.
 A resumed run appends a second header to log.txt; an epoch logged twice keeps its last line.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -27,26 +26,12 @@ def get_args_parser():
 
 
 def read_history(run):
-    """(config of the latest header, epoch dicts sorted by epoch) from a run folder or its log.txt."""
-    path = os.path.join(run, LOG_NAME) if os.path.isdir(run) else run
-    if not os.path.isfile(path):
-        raise ValueError(f'{path} does not exist; pass the output_dir of a main.py run')
-    config, epochs = {}, {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f'{path} line {number} is not JSON ({e.msg}); is it a main.py log.txt?') from e
-            if 'config' in entry:
-                config = entry['config']
-            elif 'epoch' in entry:
-                epochs[entry['epoch']] = entry
+    """(config of the latest header, epoch dicts sorted by epoch, the last line of an epoch winning) of a run."""
+    headers, lines = utils.read_log(run)
+    epochs = {entry['epoch']: entry for entry in lines}
     if not epochs:
-        raise ValueError(f'{path} has no epoch lines yet; wait for the first epoch to finish')
-    return config, [epochs[e] for e in sorted(epochs)]
+        raise ValueError(f'{run} has no epoch lines yet; wait for the first epoch to finish')
+    return (headers[-1]['config'] if headers else {}), [epochs[e] for e in sorted(epochs)]
 
 
 def summarize(config, epochs):

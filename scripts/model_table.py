@@ -18,12 +18,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import timm  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import dhvt_models  # noqa: E402
 import evit_models  # noqa: E402
 import localvit_models  # noqa: E402
 import models  # noqa: E402
+import utils  # noqa: E402
 import patchconvnet_models  # noqa: E402
 
 FAMILIES = (models, localvit_models, dhvt_models, evit_models, patchconvnet_models)
@@ -99,10 +99,9 @@ def _count(name, input_size, device, options):
     with device:
         model = timm.create_model(name, **options).eval()
     params = sum(p.numel() for p in model.parameters())
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, *input_size, device=device))
-    return params / 1e6, counter.get_total_flops() / 2 / 1e9
+    with torch.no_grad():
+        flops = utils.count_flops(lambda: model(torch.zeros(1, *input_size, device=device)))
+    return params / 1e6, flops / 2 / 1e9
 
 
 def table_rows(names=None):

@@ -8,7 +8,6 @@ by adding up 'epoch_seconds'. An epoch logged twice (a run resumed before its ch
 The legend names each run by its folder. The figure goes to acc_vs_time.png in the first RUN_DIR unless -o says.
 """
 import argparse
-import json
 import os
 import sys
 from typing import List, NamedTuple
@@ -18,26 +17,15 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import utils  # noqa: E402
+
 
 class Curve(NamedTuple):
     name: str
     epochs: List[int]
     hours: List[float]
     acc1: List[float]
-
-
-def read_epoch_lines(log_path):
-    """The log's epoch lines, in order; a line cut short (a crash while writing) is left out."""
-    lines = []
-    with open(log_path) as f:
-        for text in f:
-            try:
-                entry = json.loads(text)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict) and 'config' not in entry and 'epoch' in entry and 'test_acc1' in entry:
-                lines.append(entry)
-    return lines
 
 
 def elapsed_hours(entries):
@@ -55,12 +43,9 @@ def elapsed_hours(entries):
 
 
 def read_run(run_dir):
-    log_path = os.path.join(run_dir, 'log.txt')
-    if not os.path.isfile(log_path):
-        raise ValueError(f'{run_dir} has no log.txt; pass the --output_dir of a training run')
-    entries = read_epoch_lines(log_path)
+    entries = [e for e in utils.read_log(run_dir)[1] if 'test_acc1' in e]
     if not entries:
-        raise ValueError(f'{log_path} has no epoch lines yet; plot it after the first epoch has finished')
+        raise ValueError(f'{run_dir} has no epoch lines yet; plot it after the first epoch has finished')
     hours = elapsed_hours(entries)
     last = {entry['epoch']: (h, entry['test_acc1']) for entry, h in zip(entries, hours)}  # later lines win
     epochs = sorted(last)

@@ -21,6 +21,7 @@ from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, res
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import checkpoints  # noqa: E402
 import main as training  # noqa: E402 - its flag defaults complete the config of older checkpoints
 import model_factory  # noqa: E402
 import utils  # noqa: E402
@@ -81,11 +82,11 @@ def _from_checkpoint(path, model_name, ema):
         args.input_size = timm.get_pretrained_cfg_value(args.model, 'input_size')[-1]
     model = model_factory.build_model(args)
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f'{path} does not fit {args.model} at {args.input_size} px '
-                         f'({str(e).splitlines()[-1].strip()[:200]}); pass the --model it was trained as, or the '
-                         'main.py checkpoint, which records its input size') from e
+        checkpoints.load_weights(model, path, '--checkpoint', key='model_ema' if ema else 'model', ckpt=ckpt,
+                                 fix=f'pass the --model it was trained as ({args.model} at {args.input_size} px here), '
+                                     'or the main.py checkpoint, which records its input size')
+    except utils.UserError as e:
+        raise ValueError(str(e)) from e
     class_names = list(ckpt.get('class_names') or default_class_names(model, args.nb_classes))
     return model.eval(), build_transform(False, args), class_names
 

@@ -16,12 +16,11 @@ import sys
 
 import timm
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402, F401 - registers the project's model families in timm
+import utils  # noqa: E402
 from engine import measure_throughput  # noqa: E402
 from evit_models import EViT  # noqa: E402
 
@@ -30,9 +29,7 @@ from evit_models import EViT  # noqa: E402
 def count_gmacs(model, img_size):
     """Multiply-accumulates (x 1e9) of one image; math attention so that the counter sees its matmuls."""
     device = next(model.parameters()).device
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model.eval()(torch.rand(1, 3, img_size, img_size, device=device))
-    return counter.get_total_flops() / 2 / 1e9
+    return utils.count_flops(lambda: model.eval()(torch.rand(1, 3, img_size, img_size, device=device))) / 2 / 1e9
 
 
 def build(name, keep_rate, fuse_token):

@@ -61,9 +61,8 @@ SUMMARY = r'\* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+)'
 
 def read_log(output_dir):
     """log.txt as (header lines, epoch lines): headers carry 'config', epoch lines carry 'epoch'."""
-    with open(os.path.join(output_dir, 'log.txt')) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    return [x for x in lines if 'config' in x], [x for x in lines if 'config' not in x]
+    import utils
+    return utils.read_log(str(output_dir))
 
 
 def snapshot(folder):

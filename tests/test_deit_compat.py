@@ -9,6 +9,7 @@ import torch
 import loaders
 import main
 import model_factory
+import optimization
 import utils
 from conftest import TINY, read_log, run_main
 
@@ -20,8 +21,8 @@ def deit_checkpoint(path, epoch=0):
     args.nb_classes = 10
     torch.manual_seed(0)
     model = model_factory.build_model(args)
-    optimizer = main.build_optimizer(args, model, torch.device('cpu'))
-    scheduler = main.build_scheduler(args, optimizer, 44)
+    optimizer = optimization.build_optimizer(args, model, torch.device('cpu'))
+    scheduler = optimization.build_scheduler(args, optimizer, 44)
     deit_args = argparse.Namespace(model=args.model, input_size=8, data_set='DIGITS', nb_classes=10, lr=5e-4,
                                    epochs=300, output_dir='/output/deit')
     torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),

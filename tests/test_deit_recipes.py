@@ -9,6 +9,7 @@ import engine
 import losses
 import main
 import model_factory
+import optimization
 import models
 from conftest import TINY, read_log, run_main
 from utils import UserError
@@ -48,7 +49,7 @@ def test_attn_only_trains_attention_pos_embed_and_head_and_nothing_else():
     assert trainable == {n for n, _ in model.named_parameters()
                          if '.attn.' in n or n.startswith('head.') or n == 'pos_embed'}
     assert 'blocks.0.attn.qkv.weight' in trainable and 'patch_embed.proj.weight' not in trainable
-    optimizer = main.build_optimizer(args, model, torch.device('cpu'))
+    optimizer = optimization.build_optimizer(args, model, torch.device('cpu'))
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group['params']}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
 
@@ -122,7 +123,7 @@ def test_timms_parallel_block_vits_are_reachable_by_name(name):
 def test_lamb_is_timms_with_the_weight_decay_split():
     args = parse('--opt', 'lamb', '--weight-decay', '0.05', '--lr', '4e-3', '--unscale-lr')
     model = model_factory.build_model(args)
-    optimizer = main.build_optimizer(args, model, torch.device('cpu'))
+    optimizer = optimization.build_optimizer(args, model, torch.device('cpu'))
     assert isinstance(optimizer, timm.optim.Lamb)
     decays = sorted(group['weight_decay'] for group in optimizer.param_groups)
     assert decays == [0.0, 0.05] and all(group['lr'] == 4e-3 for group in optimizer.param_groups)
@@ -211,7 +212,7 @@ def test_engine_doubles_the_batch_for_cosub_and_counts_it_once():
 def test_cosub_misuse_is_a_user_error(flags, message):
     args = parse('--cosub', *flags)
     with pytest.raises(UserError, match=message):
-        model_factory.build_criterion(args, model_factory.build_model(args), True, torch.device('cpu'))
+        losses.build_criterion(args, model_factory.build_model(args), True, torch.device('cpu'))
 
 
 def test_main_runs_cosub_with_mixup_and_accumulation(tmp_path):

@@ -32,7 +32,7 @@ def teacher_file(tmp_path_factory):
 def test_gradients_reach_both_tokens_and_not_the_teacher(teacher_file):
     args = args_for('--distillation-type', 'hard', '--teacher-model', TEACHER, '--teacher-path', teacher_file)
     student = model_factory.build_model(args)
-    criterion = model_factory.build_criterion(args, student, False, torch.device('cpu'))
+    criterion = losses.build_criterion(args, student, False, torch.device('cpu'))
     teacher_before = {k: v.clone() for k, v in criterion.teacher.state_dict().items()}
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
     student.train()
@@ -56,7 +56,7 @@ def test_each_token_learns_from_its_own_target(teacher_file):
         args = args_for('--distillation-type', 'soft', '--distillation-alpha', str(alpha),
                         '--teacher-model', TEACHER, '--teacher-path', teacher_file)
         student = model_factory.build_model(args)
-        criterion = model_factory.build_criterion(args, student, False, torch.device('cpu'))
+        criterion = losses.build_criterion(args, student, False, torch.device('cpu'))
         student.train()
         images = torch.randn(4, 3, 8, 8)
         criterion(images, student(images), torch.randint(0, 10, (4,))).backward()
@@ -78,7 +78,7 @@ def test_each_token_learns_from_its_own_target(teacher_file):
 def test_distillation_misuse_is_a_user_error(flags, model, message):
     args = args_for(*flags, model=model)
     with pytest.raises(UserError, match=message):
-        model_factory.build_criterion(args, model_factory.build_model(args), False, torch.device('cpu'))
+        losses.build_criterion(args, model_factory.build_model(args), False, torch.device('cpu'))
 
 
 def test_teacher_with_other_classes_is_refused(tmp_path):
@@ -111,7 +111,7 @@ def test_distilled_model_without_teacher_trains_the_class_head_only():
     args = args_for()
     student = model_factory.build_model(args)
     assert model_factory.train_class_head_only(student, args)
-    criterion = model_factory.build_criterion(args, student, False, torch.device('cpu'))
+    criterion = losses.build_criterion(args, student, False, torch.device('cpu'))
     head_dist, head = student.head_dist.weight.clone(), student.head.weight.clone()
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.05)
     student.train()

@@ -11,7 +11,8 @@ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ('main.py', 'checkpoints.py', 'model_factory.py', 'engine.py', 'datasets.py', 'samplers.py', 'losses.py',
-           'utils.py', 'models.py', 'run_with_submitit.py', 'hubconf.py', 'flags.py', 'images.py', 'loaders.py')
+           'utils.py', 'models.py', 'run_with_submitit.py', 'hubconf.py', 'flags.py', 'images.py', 'loaders.py',
+           'optimization.py', 'schedules.py')
 
 
 def parser_actions():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import main
+import optimization
 
 N_UPDATES = 7
 
@@ -11,7 +12,7 @@ N_UPDATES = 7
 def schedule(*flags, n_updates=N_UPDATES):
     args = main.get_args_parser().parse_args([str(f) for f in flags])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
-    sched = main.build_scheduler(args, optimizer, n_updates)
+    sched = optimization.build_scheduler(args, optimizer, n_updates)
 
     def lr_at(step):
         sched.step_update(step)
@@ -54,12 +55,12 @@ def test_cosine_spans_all_epochs_and_cooldown_comes_after_them():
     """As in DeiT: --cooldown-epochs does not shorten the cosine; the LR reaches --min-lr only after --epochs."""
     args, lr_at = schedule(*DEFAULTS)
     total = args.epochs * N_UPDATES
-    assert main.run_epochs(args) == args.epochs
+    assert optimization.run_epochs(args) == args.epochs
     assert lr_at(total - 1) > args.min_lr
     args, lr_at = schedule(*DEFAULTS, '--train-cooldown')
-    assert main.run_epochs(args) == args.epochs + args.cooldown_epochs
+    assert optimization.run_epochs(args) == args.epochs + args.cooldown_epochs
     assert lr_at(total - 1) > args.min_lr
-    for t in (total, total + 1, main.run_epochs(args) * N_UPDATES - 1):
+    for t in (total, total + 1, optimization.run_epochs(args) * N_UPDATES - 1):
         assert lr_at(t) == args.min_lr
 
 
@@ -126,11 +127,11 @@ def test_lr_noise_applies_in_given_fraction_of_schedule():
 ])
 def test_scale_lr(flags, expected):
     args = main.get_args_parser().parse_args([str(f) for f in flags])
-    assert close(main.scale_lr(args), expected)
+    assert close(optimization.scale_lr(args), expected)
     assert close(args.lr, expected)
 
 
 def test_scale_lr_uses_world_size(monkeypatch):
-    monkeypatch.setattr(main.utils, 'get_world_size', lambda: 8)
+    monkeypatch.setattr(optimization.utils, 'get_world_size', lambda: 8)
     args = main.get_args_parser().parse_args(['--batch-size', '16', '--accum-iter', '2', '--lr', '1e-3'])
-    assert close(main.scale_lr(args), 1e-3 * 16 * 8 * 2 / 512)
+    assert close(optimization.scale_lr(args), 1e-3 * 16 * 8 * 2 / 512)

@@ -1,4 +1,6 @@
 """Family flags of main.py reach the model factory: --layer-scale, --localvit, --localvit-act."""
+import argparse
+
 import pytest
 import torch
 
@@ -65,14 +67,18 @@ def test_evit_flag_misuse_is_a_user_error(flags, message):
 
 def test_keep_rate_schedule_sets_model_and_ema():
     args = main.get_args_parser().parse_args(['--model', 'evit_micro_patch2_16', '--base_keep_rate', '0.5',
-                                              '--shrink_start_epoch', '1', '--shrink_epochs', '2'])
+                                              '--shrink_start_epoch', '1', '--shrink_epochs', '2', '--device', 'cpu',
+                                              '--amp', 'none'])
     args.nb_classes = 10
     model, ema = model_factory.build_model(args), model_factory.build_model(args)
-    set_rate = model_factory.keep_rate_schedule(args, [model, ema], updates_per_epoch=4)
+    set_rate = main.build_train_state(args, model, argparse.Namespace(module=ema), 4, torch.device('cpu')).before_update
     for step, expected in ((0, 1.0), (3, 1.0), (8, 0.75), (12, 0.5), (40, 0.5)):
         set_rate(step)
         assert min(model.keep_rates) == min(ema.keep_rates) == pytest.approx(expected)
-    assert model_factory.keep_rate_schedule(main.get_args_parser().parse_args([]), [model], 4) is None
+    plain = main.get_args_parser().parse_args(['--model', 'deit_micro_patch2_16', '--amp', 'none'])
+    plain.nb_classes = 10
+    assert main.build_train_state(plain, model_factory.build_model(plain), None, 4,
+                                  torch.device('cpu')).before_update is None
 
 
 def test_finetune_from_a_checkpoint_of_another_width_is_a_user_error(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, run_main, write_image_folder
+from conftest import ROOT, TINY, read_log, run_main, write_image_folder
 
 # Defaults kept on purpose (mixup, cutmix, RandAugment, random erasing, drop path, EMA): resume must be exact
 # with every source of randomness in play.
@@ -151,24 +151,49 @@ def test_unwritable_checkpoint_warns_or_stops_as_asked(tmp_path):
     assert stop.stderr.startswith('error: could not write')
 
 
-def test_nonfinite_loss_stops_with_epoch_step_and_keeps_checkpoint(tmp_path):
+def run_with_nan_loss_at(calls, argv, monkeypatch, capsys):
+    """main.cli in this process, the criterion's output turned to NaN at the given calls (0 = its first in this run);
+    returns (exit code, stdout, stderr). The signal handlers a run installs are put back afterwards."""
+    import losses
+    import main
+    seen = []
+    forward = losses.DistillationLoss.forward
+
+    def faulty(self, *inputs):
+        seen.append(None)
+        loss = forward(self, *inputs)
+        return loss * float('nan') if len(seen) - 1 in calls else loss
+    monkeypatch.setattr(losses.DistillationLoss, 'forward', faulty)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        main.cli([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_nonfinite_loss_stops_with_epoch_step_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
     args = TINY + ['--output_dir', tmp_path]
     assert run_main(args).returncode == 0
     before = (tmp_path / 'checkpoint.pth').read_bytes()
-    result = run_main(args + ['--epochs', '4', '--inject-nonfinite', '100'])  # 44 updates/epoch: epoch 2, step 12
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
+    code, _, err = run_with_nan_loss_at({12}, args + ['--epochs', '4'], monkeypatch, capsys)  # resumes at epoch 2
+    assert code == 1
+    assert err.strip().splitlines() == [
         'error: loss is nan at epoch 2, step 12 (of 44) after 0 skipped; the last checkpoint is kept']
     assert (tmp_path / 'checkpoint.pth').read_bytes() == before
 
 
-def test_skip_nonfinite_skips_and_counts(tmp_path):
-    result = run_main(TINY + ['--output_dir', tmp_path, '--inject-nonfinite', '3', '--skip-nonfinite', '2'])
-    assert result.returncode == 0, result.stderr
-    assert 'skipping non-finite loss nan at epoch 0, step 3' in result.stdout
-    import json
-    epochs = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()[1:]]
-    assert [e['skipped_nonfinite'] for e in epochs] == [1, 0]
+def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch, capsys):
+    code, out, err = run_with_nan_loss_at({3}, TINY + ['--output_dir', tmp_path, '--skip-nonfinite', '2'],
+                                          monkeypatch, capsys)
+    assert code == 0, err
+    assert 'skipping non-finite loss nan at epoch 0, step 3' in out
+    assert [e['skipped_nonfinite'] for e in read_log(tmp_path)[1]] == [1, 0]
 
 
 def corrupt_folder(root):

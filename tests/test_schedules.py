@@ -31,7 +31,7 @@ def test_multisize_flag_defaults_are_the_24h_codes(epoch, size):
     import main
     args = main.get_args_parser().parse_args(['--is-multisize'])
     assert (args.epoch_step, args.patch_step, args.init_size) == (7, 1, 32)
-    assert main.train_size_schedule(args).size_at(epoch, 0.0) == size
+    assert schedules.size_schedule_from_flags(args).size_at(epoch, 0.0) == size
 
 
 def test_paper_schedule_never_passes_the_final_size():

@@ -104,6 +104,16 @@ def test_predict_bad_input_is_one_line_and_exit_2(checkpoint, images, capsys, ar
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_predict_weights_of_another_model_name_the_first_misfit(images, tmp_path, capsys):
+    bare = tmp_path / 'micro.pth'
+    torch.save(timm.create_model('deit_micro_patch2_16', num_classes=3).state_dict(), bare)
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(['--checkpoint', str(bare), '--model', 'deit_tiny_patch2_16', images])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert f'--checkpoint {bare} does not fit deit_tiny_patch2_16: cls_token is (1, 1, 48) there' in err[0]
+
+
 # ---------------------------------------------------------------- inspect_history
 
 def epoch_line(epoch, acc1):

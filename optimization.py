@@ -1,0 +1,64 @@
+"""From the flags to the optimization: updates per epoch, DeiT's LR scaling, timm's optimizer and LR schedule, and
+Mixup / CutMix."""
+import math
+
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+import utils
+from utils import UserError
+
+
+def updates_per_epoch(args, num_train_items, batch_size=None):
+    batch_size = batch_size or args.batch_size
+    world = utils.get_world_size()
+    per_rank = math.ceil(num_train_items / world)
+    updates = per_rank // batch_size // args.accum_iter
+    if updates < 1:
+        raise UserError(f'the training set has {num_train_items} images, fewer than one update needs '
+                        f'({batch_size} x {world} ranks x {args.accum_iter} accum-iter); '
+                        'lower --batch-size or --accum-iter')
+    return updates
+
+
+def scale_lr(args):
+    global_batch = args.batch_size * utils.get_world_size() * args.accum_iter
+    if not args.unscale_lr:
+        args.lr = args.lr * global_batch / 512.0
+    return args.lr
+
+
+def run_epochs(args):
+    """Epochs the run trains: --epochs, plus the cool-down with --train-cooldown."""
+    return args.epochs + (args.cooldown_epochs if args.train_cooldown else 0)
+
+
+def build_scheduler(args, optimizer, n_updates):
+    """DeiT's schedule (timm's, over --epochs; its cool-down comes after them), stepped every update: the LR at the
+    first update of epoch e is the LR DeiT's per-epoch scheduler gives epoch e."""
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
+        noise_std=args.lr_noise_std, noise_seed=args.seed, step_on_epochs=False, updates_per_epoch=n_updates)
+    return scheduler
+
+
+def build_optimizer(args, model, device):
+    """timm's factory; weight decay skips norms, biases and the model's no_weight_decay() names."""
+    extra = {}
+    if args.opt_betas is not None:
+        extra['betas'] = tuple(args.opt_betas)
+    if args.opt == 'adamw' and device.type == 'cuda':
+        extra['fused'] = True
+    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                               momentum=args.momentum, eps=args.opt_eps, filter_bias_and_bn=True, **extra)
+
+
+def build_mixup(args):
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=0.0 if args.bce_loss else args.smoothing, num_classes=args.nb_classes)
