@@ -79,13 +79,15 @@ class UpdateHook:
 
 
 def resolve_config(args):
-    """Flags that depend on the machine and the launch: device, AMP, ranks, seeds, data set, warm-up."""
+    """Flags that depend on the machine and the launch, resolved once: device, AMP, ranks, seeds, data set, warm-up,
+    the LR scaled to the global batch."""
     resolve_device(args)
     utils.init_distributed_mode(args)
     utils.seed_everything(args.seed + utils.get_rank())
     resolve_data_set(args)
     if args.no_warmup:
         args.warmup_epochs = 0
+    optimization.scale_lr(args)
     return torch.device(args.device)
 
 
@@ -217,7 +219,6 @@ def main(args):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loader_val = build_val_loader(args, dataset_val)
     n_updates = optimization.updates_per_epoch(args, len(dataset_train))
-    optimization.scale_lr(args)
     train_state = build_train_state(args, model, model_ema, n_updates, device)
     criterion = losses.build_criterion(args, model, train_state.mixup_fn is not None, device)
     if args.test_speed or args.only_test_speed:
@@ -357,11 +358,9 @@ def cli(argv=None):
         check_flag_ranges(args, parser)
         main(args)
     except UserError as e:
-        print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
-        sys.exit(2)
+        utils.exit_with_error(one_line(e))
     except engine.NonFiniteLossError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        sys.exit(1)
+        utils.exit_with_error(e, code=1)
     except KeyboardInterrupt:  # before training starts; once it has, Ctrl-C saves and stops (utils.StopSignal)
         print('interrupted before training started; nothing was saved', file=sys.stderr, flush=True)
         sys.exit(130)

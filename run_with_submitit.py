@@ -162,8 +162,7 @@ def cli(argv=None):
         check_flag_ranges(args, parser)
         job = submit(args)
     except (ValueError, UserError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        utils.exit_with_error(e)
     print(f'submitted job {job.job_id}: logs in {job.paths.folder}, checkpoints in '
           f'{args.output_dir.replace("%j", str(job.job_id))}')
 

@@ -119,6 +119,12 @@ def any_rank(flags, device):
     return [v > 0 for v in all_reduce_sum([1.0 if f else 0.0 for f in flags], device)]
 
 
+def exit_with_error(error, code=2):
+    """The one line a person reads when their input is wrong: `error: ...` on stderr, then exit `code`."""
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def log(message):
     """Print a progress line on rank 0 only."""
     if is_main_process():

@@ -377,8 +377,7 @@ def main(argv=None):
     try:
         result = benchmark(args)
     except (ValueError, train_main.UserError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        utils.exit_with_error(e)
     print(report(result))
     print(json.dumps(result), flush=True)
 

@@ -162,8 +162,7 @@ def main(argv=None):
     try:
         name, size, num_classes = convert(args.npz, args.output, args.model, args.num_classes)
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        utils.exit_with_error(e)
     print(f'wrote {args.output}: {name} at {size} px, {num_classes} classes; fine-tune with '
           f'python main.py --model {name} --input-size {size} --finetune {args.output} ...')
 

@@ -30,8 +30,7 @@ def main(argv=None):
         metadata = {'source': os.path.basename(args.checkpoint), 'model': str(ckpt.get('args', {}).get('model', ''))}
         save_file(state, args.output, metadata=metadata)
     except utils.UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        utils.exit_with_error(e)
     print(f'wrote {len(state)} tensors to {args.output}')
 
 

@@ -20,6 +20,7 @@ import lmdb  # noqa: E402
 
 import datasets  # noqa: E402
 from lmdb_dataset import FORMAT_VERSION, META_KEY, pack_sample, sample_key  # noqa: E402
+import utils  # noqa: E402
 from utils import UserError  # noqa: E402
 
 SPLITS = ('train', 'val')
@@ -102,8 +103,7 @@ def main(argv=None):
     try:
         counts, classes = convert(args.folder, args.output)
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        utils.exit_with_error(e)
     print(f'wrote {args.output}: {counts["train"]} train / {counts["val"]} val images, {len(classes)} classes')
 
 

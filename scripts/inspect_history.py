@@ -69,8 +69,7 @@ def main(argv=None):
     try:
         histories = dict(zip(run_labels(args.runs), (read_history(r) for r in args.runs)))
     except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        utils.exit_with_error(e)
     print(format_table({label: summarize(*history) for label, history in histories.items()}))
     first = args.runs[0]
     output = args.output or os.path.join(first if os.path.isdir(first) else os.path.dirname(first), 'history.png')

@@ -82,8 +82,7 @@ def main(argv=None):
     try:
         curves = [read_run(run_dir) for run_dir in args.run_dirs]
     except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        utils.exit_with_error(e)
     out_path = args.output or os.path.join(args.run_dirs[0], 'acc_vs_time.png')
     plot(curves, out_path)
     summary = '; '.join(f'{c.name}: best {max(c.acc1):.2f}%, {len(c.epochs)} epochs, {c.hours[-1]:.2f} h'

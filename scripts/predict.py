@@ -200,8 +200,7 @@ def main(argv=None):
         model, transform, class_names = load_model(args.checkpoint, args.model, args.hub, args.ema)
         results = predict(model, transform, class_names, paths, args.topk, args.batch_size, device)
     except (ValueError, utils.UserError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        utils.exit_with_error(e)
     print(json.dumps(results, indent=1) if args.json else format_text(results))
     if args.plot:
         plot(results, args.plot)

@@ -192,8 +192,7 @@ def main(argv=None):
         else:
             maps, _ = attention_maps(model, x)
     except (ValueError, utils.UserError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        utils.exit_with_error(e)
     image = visualize.denormalize(x[0].cpu(), *normalization(transform))
     visualize.draw_attention_grid(image, [(title, m.cpu().numpy()) for title, m in maps], args.output)
     print(f'wrote {args.output}')
