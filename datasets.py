@@ -1,14 +1,17 @@
 """build_dataset(): the datasets behind --data-set; build_transform(): DeiT, 3-Augment and small-image pipelines."""
 import json
 import os
+import random
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import datasets, transforms
+from torchvision.transforms import functional as F
 
-from images import BadImageError, load_rgb  # noqa: F401 - BadImageError: part of this module's interface
+from images import BadImageError, UndecodedJPEG, load_rgb, open_image  # noqa: F401 - BadImageError: for callers
 from utils import UserError
 
 DATASETS = ('IMNET', 'FOLDER', 'CIFAR10', 'CIFAR100', 'INAT18', 'INAT19', 'LIST', 'DIGITS', 'FAKE')
@@ -134,14 +137,14 @@ def _cifar(is_train, args, transform):
 class FileListDataset(torch.utils.data.Dataset):
     """(image, label) samples from a list of (path, label) pairs in `self.samples`, decoded to RGB."""
 
-    samples, transform = (), None
+    samples, transform, loader = (), None, staticmethod(load_rgb)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
         path, target = self.samples[index]
-        img = load_rgb(path)
+        img = self.loader(path)
         return (self.transform(img) if self.transform else img), target
 
 
@@ -295,7 +298,44 @@ def build_transform(is_train, args):
     if size <= SMALL_IMAGE_MAX:
         # DeiT swaps the random-resized crop for a padded random crop; images of another size are resized first
         transform.transforms[0:1] = small_image_crop(size)
+    else:
+        transform.transforms[0] = ReducedDecodeRandomResizedCrop.like(transform.transforms[0])
     return transform
+
+
+def loader_for(transform):
+    """The image reader a training transform wants: undecoded JPEGs for the reduced-decode crop, else RGB images."""
+    steps = getattr(transform, 'transforms', ())
+    return open_image if steps and isinstance(steps[0], ReducedDecodeRandomResizedCrop) else load_rgb
+
+
+class ReducedDecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
+    """timm's random-resized crop, with the same random draws, that decodes a JPEG only as far as its crop needs.
+
+    The crop is chosen from the header's size; libjpeg then decodes at the largest reduction (1/2, 1/4 or 1/8) that
+    still leaves the crop at least the output size, and the crop box is scaled to the reduced image. Without a
+    reduction, or for an image already decoded, the result is timm's, pixel for pixel."""
+
+    @classmethod
+    def like(cls, crop):
+        new = cls.__new__(cls)
+        new.__dict__.update(crop.__dict__)
+        return new
+
+    def __call__(self, img):
+        if not isinstance(img, UndecodedJPEG):
+            return super().__call__(img)
+        with img.header() as header:  # the size, without the pixels: timm's draws need a PIL image
+            i, j, h, w = self.get_params(header, self.scale, self.ratio)
+        interpolation = random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list)) \
+            else self.interpolation
+        reduction = next(k for k in (8, 4, 2, 1) if k == 1 or (h // k >= self.size[0] and w // k >= self.size[1]))
+        decoded = img.decode(reduction)
+        if decoded.size == img.size:
+            return F.resized_crop(decoded, i, j, h, w, self.size, interpolation)
+        sx, sy = decoded.width / img.size[0], decoded.height / img.size[1]
+        return decoded.resize(self.size[::-1], F.pil_modes_mapping[interpolation],
+                              box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
 
 
 def _aa(args):

@@ -43,3 +43,40 @@ def _reason(error):
     """PIL's message without the file object it quotes (the path is named already), on one line."""
     text = re.sub(r'<_io\.\w+ name=[^>]*>', 'the file', str(error)) or 'empty file'
     return ' '.join(text.split())[:120]
+
+
+class UndecodedJPEG:
+    """A JPEG whose header has been read but whose pixels have not: the first transform picks its crop from `size`
+    and then decodes only as much as that crop needs (ReducedDecodeRandomResizedCrop)."""
+
+    def __init__(self, path, size):
+        self.path, self.size = path, size
+
+    def header(self):
+        """The file opened, not decoded (a context manager)."""
+        return Image.open(self.path)
+
+    def decode(self, reduction=1):
+        """The image as RGB, decoded at about 1 / reduction of its size by libjpeg's DCT scaling (1, 2, 4 or 8)."""
+        try:
+            with Image.open(self.path) as img:
+                if reduction > 1:
+                    img.draft('RGB', (max(1, self.size[0] // reduction), max(1, self.size[1] // reduction)))
+                img.load()
+                return img.convert('RGB')
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BadImageError(f'unreadable image {self.path} ({type(e).__name__}: {_reason(e)}); '
+                                'remove or replace it, or pass --skip-bad-images') from e
+
+
+def open_image(path):
+    """What a training crop that decodes only what it needs reads: a JPEG in RGB or grayscale as an UndecodedJPEG,
+    any other image decoded by load_rgb."""
+    if path.lower().endswith(('.jpg', '.jpeg')) and os.path.isfile(path):
+        try:
+            with Image.open(path) as img:
+                if img.format == 'JPEG' and img.mode in ('RGB', 'L'):
+                    return UndecodedJPEG(path, img.size)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            pass  # load_rgb names the file and the reason
+    return load_rgb(path)

@@ -18,7 +18,7 @@ import schedules
 import utils
 import visualize
 from checkpoints import BEST_CHECKPOINT, CHECKPOINT, CheckpointWriter, check_output_dir, find_resume, resume
-from datasets import build_dataset, build_transform, resolve_data_set
+from datasets import build_dataset, build_transform, loader_for, resolve_data_set
 from flags import check_flag_ranges, get_args_parser, parse_args  # noqa: F401 - get_args_parser: used by the scripts
 from loaders import build_train_loader, build_val_loader, sampler_description
 from utils import UserError
@@ -307,6 +307,8 @@ def train(args, plan, loops, writer, data, start, tb_writer):
 def enter_stage(args, dataset_train, dataset_val, stage, previous, loader_val):
     """Loaders for a (train size, batch, eval size) stage: the one stage of a plain run, or a multi-size step."""
     dataset_train.transform = build_transform(True, at_size(args, stage.size))
+    if hasattr(dataset_train, 'loader'):  # image files: JPEGs decoded only as far as their crop needs
+        dataset_train.loader = loader_for(dataset_train.transform)
     if previous is None or stage.eval_size != previous.eval_size:
         dataset_val.transform = build_transform(False, at_size(args, stage.eval_size))
         loader_val = build_val_loader(args, dataset_val)
@@ -365,6 +367,7 @@ def cli(argv=None):
         print('interrupted before training started; nothing was saved', file=sys.stderr, flush=True)
         sys.exit(130)
     finally:
+        utils.end_workers()  # before exit: a worker still reading would keep the process from ending
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()
 

@@ -159,13 +159,17 @@ def ignore_stop_signals(worker_id=None):
         signal.signal(sig, signal.SIG_IGN)
 
 
+def end_workers():
+    """End the DataLoader workers a run leaves behind. They ignore SIGTERM (ignore_stop_signals), so multiprocessing's
+    own exit handler, which sends SIGTERM and then waits, would wait for them forever."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join()
+
+
 def end_workers_at_exit():
-    """Workers ignore SIGTERM, so multiprocessing's own exit handler (SIGTERM, then join) would wait for workers a
-    failed run left running forever: end them first. Handlers run last-registered first, so this one goes before."""
-    def end_workers():
-        for child in multiprocessing.active_children():
-            child.kill()
-            child.join()
+    """Call end_workers at interpreter exit, before multiprocessing's handler (handlers run last-registered first)."""
+    import multiprocessing.util  # noqa: F401 - registers its exit handler now, so that ours comes after it
     atexit.register(end_workers)
 
 

@@ -19,7 +19,7 @@ launch() {
     shift
     if [[ "${LOCAL:-0}" == 1 ]]; then  # later flags win in argparse: shrink the run, keep the recipe
         "${PYTHON:-python}" "$MAIN" "$@" "${EXTRA_FLAGS[@]}" --data-set FAKE --fake-size 64 --batch-size 16 \
-            --input-size 32 --epochs 1 --warmup-epochs 0 --cooldown-epochs 0 --device cpu --num_workers 0 \
+            --input-size 32 --epochs 1 --warmup-epochs 0 --device cpu --num_workers 0 \
             --output_dir ''
         return
     fi

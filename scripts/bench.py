@@ -191,13 +191,13 @@ class ImageFiles(Dataset):
     """(transformed image, 0) for each path: a DataLoader's load with no label lookup."""
 
     def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
+        self.paths, self.transform, self.loader = paths, transform, datasets.load_rgb
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return self.transform(datasets.load_rgb(self.paths[index])), 0
+        return self.transform(self.loader(self.paths[index])), 0
 
 
 def image_files(folder):
@@ -205,10 +205,11 @@ def image_files(folder):
                   if name.lower().endswith(datasets.IMG_EXTENSIONS))
 
 
-def loader_images_per_sec(paths, transform, batch_size, workers):
+def loader_images_per_sec(paths, transform, batch_size, workers, full_decode=False):
     """Images/s of one pass over the files, clock started at the first batch (worker start-up left out)."""
-    loader = DataLoader(ImageFiles(paths, transform), batch_size=batch_size, shuffle=True, num_workers=workers,
-                        drop_last=True)
+    files = ImageFiles(paths, transform)
+    files.loader = datasets.load_rgb if full_decode else datasets.loader_for(transform)
+    loader = DataLoader(files, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
     start, images = None, 0
     for batch, _ in loader:
         if start is None:
@@ -224,7 +225,8 @@ def loader_speeds(args, config):
         raise ValueError(f'--data-folder {args.data_folder} holds {len(paths)} images, fewer than two batches of '
                          f'{args.batch_size}; add images or lower --batch-size')
     transform = datasets.build_transform(True, config)
-    return {str(w): loader_images_per_sec(paths, transform, args.batch_size, w) for w in args.workers}
+    return {str(w): loader_images_per_sec(paths, transform, args.batch_size, w, args.full_decode)
+            for w in args.workers}
 
 
 # ---------------------------------------------------------------- the report
@@ -356,6 +358,8 @@ def parse_args(argv):
     p.add_argument('--matmul-size', type=int, default=None, help='side of the peak-FLOP/s matmul '
                    '(default 8192 on CUDA, 2048 on CPU)')
     p.add_argument('--data-folder', default=None, help='folder of images (any depth) to time the DataLoader on')
+    p.add_argument('--full-decode', action='store_true',
+                   help='decode every JPEG in full, as before the reduced-size decode (for comparison)')
     p.add_argument('--workers', type=parse_workers, default=[0, 2, 4], help='DataLoader worker counts, e.g. 0,1,2')
     args = p.parse_args(argv)
     if not timm.is_model(args.model):

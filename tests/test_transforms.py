@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 from timm.data import create_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
 import datasets
@@ -21,7 +22,9 @@ def image(width=300, height=250, seed=0):
 
 
 def steps(transform):
-    return [type(t).__name__ for t in transform.transforms]
+    # our reduced-decode crop is timm's crop (a subclass, the same draws) that decodes JPEGs only as far as needed
+    return ['RandomResizedCropAndInterpolation' if isinstance(t, datasets.ReducedDecodeRandomResizedCrop)
+            else type(t).__name__ for t in transform.transforms]
 
 
 def test_deit_train_pipeline():
@@ -230,3 +233,72 @@ def test_digits_split():
     assert np.array_equal(again_x, train_x) and np.array_equal(again_y, train_y)
     val_again, _ = datasets.digits_split(False)
     assert np.array_equal(val_again, val_x)
+
+
+# ---------------------------------------------------------------- JPEGs decoded only as far as the crop needs
+
+def photo_like_jpeg(path, size=(500, 375)):
+    """A smooth colour field with some texture, saved as a JPEG (quality 95)."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    pixels = np.stack([128 + 100 * np.sin(x / 37.0), 128 + 100 * np.cos(y / 23.0), 128 + 60 * np.sin((x + y) / 51.0)],
+                      axis=-1)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=95)
+    return str(path)
+
+
+def crops(size, path, seed):
+    """(reduced-decode crop of the undecoded JPEG, timm's crop of the fully decoded image), same random draws."""
+    from images import open_image
+    transform = datasets.build_transform(True, args_for('--input-size', size))
+    crop = transform.transforms[0]
+    assert isinstance(crop, datasets.ReducedDecodeRandomResizedCrop)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    reduced = crop(open_image(path))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    full = RandomResizedCropAndInterpolation.__call__(crop, datasets.load_rgb(path))
+    return np.asarray(reduced, dtype=np.float64), np.asarray(full, dtype=np.float64)
+
+
+def test_reduced_decode_gives_the_crop_of_a_full_decode(tmp_path):
+    path = photo_like_jpeg(tmp_path / 'photo.jpg')
+    for seed in range(8):
+        reduced, full = crops(64, path, seed)
+        assert reduced.shape == full.shape == (64, 64, 3)
+        assert np.abs(reduced - full).mean() < 4.0, seed  # interpolation and DCT-scaling error, out of 255
+
+
+def test_reduced_decode_is_used_only_where_the_crop_stays_sharp(tmp_path, monkeypatch):
+    from images import UndecodedJPEG
+    path = photo_like_jpeg(tmp_path / 'photo.jpg')
+    reductions = []
+    decode = UndecodedJPEG.decode
+    monkeypatch.setattr(UndecodedJPEG, 'decode', lambda self, k=1: reductions.append(k) or decode(self, k))
+    for seed in range(8):
+        crops(64, path, seed)
+        crops(224, path, seed)
+    at_64, at_224 = reductions[0::2], reductions[1::2]
+    assert max(at_64) >= 2 and set(at_224) == {1}  # a 224 px output from a 375 px photo cannot be reduced
+    for seed in range(8):  # without a reduction the crop is timm's, pixel for pixel
+        reduced, full = crops(224, path, seed)
+        assert np.array_equal(reduced, full)
+
+
+def test_only_jpegs_are_left_undecoded_and_bad_ones_name_their_path(tmp_path):
+    from images import UndecodedJPEG, open_image
+    png = tmp_path / 'a.png'
+    Image.new('RGB', (40, 30)).save(png)
+    assert isinstance(open_image(str(png)), Image.Image)
+    assert isinstance(open_image(photo_like_jpeg(tmp_path / 'b.jpg', (40, 30))), UndecodedJPEG)
+    cmyk = tmp_path / 'c.jpg'
+    Image.new('CMYK', (40, 30)).save(cmyk)
+    assert isinstance(open_image(str(cmyk)), Image.Image)  # load_rgb converts it
+    truncated = tmp_path / 'd.jpg'
+    truncated.write_bytes((tmp_path / 'b.jpg').read_bytes()[:300])
+    with pytest.raises(datasets.BadImageError, match=f'unreadable image {truncated}'):
+        img = open_image(str(truncated))
+        img.decode(2) if isinstance(img, UndecodedJPEG) else None
+    assert datasets.loader_for(datasets.build_transform(True, args_for('--input-size', 64))) is open_image
+    assert datasets.loader_for(datasets.build_transform(True, args_for('--input-size', 32))) is datasets.load_rgb
