@@ -344,8 +344,9 @@ PAPER_FIGURES = {
 ORIGINAL_CODE_GMACS = {'dhvt_tiny_patch2_32': 1.71, 'dhvt_small_patch2_32': 6.20}
 
 
-default_cfgs = generate_default_cfgs({name: pretrained_cfg(size.img, size.classes, size.distilled, first_conv='patch_embed.proj.0')
-                                       for name, size in DHVT_SIZES.items()})
+default_cfgs = generate_default_cfgs({
+    name: pretrained_cfg(size.img, size.classes, size.distilled, first_conv='patch_embed.proj.0')
+    for name, size in DHVT_SIZES.items()})
 
 
 def _create_dhvt(name, pretrained=False, device=None, dtype=None, **kwargs):

@@ -37,8 +37,10 @@ def get_args_parser():
     g.add_argument('--is-multisize', action='store_true',
                    help='train at --init-size, growing by 16 x --patch-step px every --epoch-step epochs')
     g.add_argument('--init-size', type=int, default=32, help='first size of --is-multisize')
-    g.add_argument('--epoch-step', type=int, default=7, help='epochs per size of --is-multisize (the paper\'s recipe: 5)')
-    g.add_argument('--patch-step', type=int, default=1, help='growth of --is-multisize, in 16 px steps (the paper\'s recipe: 2)')
+    g.add_argument('--epoch-step', type=int, default=7,
+                   help='epochs per size of --is-multisize (the paper\'s recipe: 5)')
+    g.add_argument('--patch-step', type=int, default=1,
+                   help='growth of --is-multisize, in 16 px steps (the paper\'s recipe: 2)')
     g.add_argument('--size-schedule', default='', metavar='START:SIZE,...',
                    help="training sizes by epoch ('0:32,5:64') or by fraction of the run ('0:32,0.5:64')")
     g.add_argument('--eval-on-final-size', action='store_true',
@@ -124,17 +126,23 @@ def get_args_parser():
     g = p.add_argument_group('token reorganisation (EViT models)')
     g.add_argument('--base-keep-rate', '--base_keep_rate', dest='base_keep_rate', type=float, default=None,
                    help="fraction of patch tokens kept at each keep layer; unset: the model's own (0.7)")
-    g.add_argument('--fuse-token', '--fuse_token', dest='fuse_token', action='store_true', help='fuse the dropped tokens into one extra token')
-    g.add_argument('--drop-loc', '--drop_loc', dest='drop_loc', default=None, type=str, help="keep layers, e.g. '(3, 6, 9)'; unset: the model's own")
-    g.add_argument('--shrink-start-epoch', '--shrink_start_epoch', dest='shrink_start_epoch', default=10, type=int, help='keep every token until this epoch')
+    g.add_argument('--fuse-token', '--fuse_token', dest='fuse_token', action='store_true',
+                   help='fuse the dropped tokens into one extra token')
+    g.add_argument('--drop-loc', '--drop_loc', dest='drop_loc', default=None, type=str,
+                   help="keep layers, e.g. '(3, 6, 9)'; unset: the model's own")
+    g.add_argument('--shrink-start-epoch', '--shrink_start_epoch', dest='shrink_start_epoch', default=10, type=int,
+                   help='keep every token until this epoch')
     g.add_argument('--shrink-epochs', '--shrink_epochs', dest='shrink_epochs', default=100, type=int,
                    help='epochs of cosine decay of the keep rate from 1 to --base_keep_rate (0: at once)')
-    g.add_argument('--test-speed', '--test_speed', dest='test_speed', action='store_true', help='print inference img/s (batch 64) before training')
-    g.add_argument('--only-test-speed', '--only_test_speed', dest='only_test_speed', action='store_true', help='print inference img/s and exit')
+    g.add_argument('--test-speed', '--test_speed', dest='test_speed', action='store_true',
+                   help='print inference img/s (batch 64) before training')
+    g.add_argument('--only-test-speed', '--only_test_speed', dest='only_test_speed', action='store_true',
+                   help='print inference img/s and exit')
 
     g.add_argument('--visualize-mask', '--visualize_mask', dest='visualize_mask', action='store_true',
                    help='EViT: after evaluation, write pictures of the kept / fused patches to output_dir/masks')
-    g.add_argument('--n-visualization', '--n_visualization', dest='n_visualization', default=128, type=int, help='how many validation images to draw')
+    g.add_argument('--n-visualization', '--n_visualization', dest='n_visualization', default=128, type=int,
+                   help='how many validation images to draw')
 
     g = p.add_argument_group('distillation (DeiT)')
     g.add_argument('--teacher-model', default='regnety_160', type=str, metavar='NAME',
@@ -177,11 +185,13 @@ def get_args_parser():
     g = p.add_argument_group('run')
     g.add_argument('-c', '--config', default='', metavar='FILE.yaml',
                    help='recipe: a YAML file of flag values (dest: value); flags on the command line override it')
-    g.add_argument('--output-dir', '--output_dir', dest='output_dir', default='', help='where checkpoints and logs go; empty: save nothing')
+    g.add_argument('--output-dir', '--output_dir', dest='output_dir', default='',
+                   help='where checkpoints and logs go; empty: save nothing')
     g.add_argument('--device', default='auto', help='cuda, cuda:N, cpu, or auto (cuda when available)')
     g.add_argument('--seed', default=0, type=int)
     g.add_argument('--resume', default='', help='checkpoint path or URL to resume from')
-    g.add_argument('--start-epoch', '--start_epoch', dest='start_epoch', default=0, type=int, metavar='N', help='first epoch when not resuming')
+    g.add_argument('--start-epoch', '--start_epoch', dest='start_epoch', default=0, type=int, metavar='N',
+                   help='first epoch when not resuming')
     g.add_argument('--eval', action='store_true', help='evaluate only')
     g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='center-crop ratio at evaluation')
     g.add_argument('--dist-eval', action='store_true', help='split evaluation over ranks')

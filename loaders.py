@@ -37,11 +37,13 @@ def sampler_description(args):
 def build_train_loader(args, dataset_train, batch_size):
     sampler = RASampler(len(dataset_train), utils.get_world_size(), utils.get_rank(), shuffle=True,
                         num_repeats=3 if uses_repeated_aug(args) else 1, seed=args.seed)
-    return DataLoader(SeededDataset(dataset_train, skipped_errors(args), refill=True), sampler=sampler, batch_size=batch_size,
-                      drop_last=True, generator=torch.Generator().manual_seed(args.seed), **loader_options(args))
+    return DataLoader(SeededDataset(dataset_train, skipped_errors(args), refill=True), sampler=sampler,
+                      batch_size=batch_size, drop_last=True, generator=torch.Generator().manual_seed(args.seed),
+                      **loader_options(args))
 
 
 def build_val_loader(args, dataset_val):
     world, rank = (utils.get_world_size(), utils.get_rank()) if args.dist_eval else (1, 0)
-    return DataLoader(SeededDataset(dataset_val, skipped_errors(args)), sampler=EvalSampler(len(dataset_val), world, rank),
+    return DataLoader(SeededDataset(dataset_val, skipped_errors(args)),
+                      sampler=EvalSampler(len(dataset_val), world, rank),
                       batch_size=int(1.5 * args.batch_size), drop_last=False, **loader_options(args))

@@ -240,7 +240,8 @@ NUM_CLASSES_BY_IMAGE_SIZE = {224: 1000, 32: 100, 16: 10}
 
 
 default_cfgs = generate_default_cfgs({
-    name: pretrained_cfg(size[1], NUM_CLASSES_BY_IMAGE_SIZE[size[1]], size[6]) for name, size in LOCALVIT_SIZES.items()})
+    name: pretrained_cfg(size.img, NUM_CLASSES_BY_IMAGE_SIZE[size.img], size.distilled)
+    for name, size in LOCALVIT_SIZES.items()})
 
 
 def _create_localvit(name, pretrained=False, act='hs+se', se_reduction=None, **kwargs):

@@ -112,10 +112,9 @@ def build_train_state(args, model, model_ema, n_updates, device):
     state = engine.TrainState(
         optimizer=optimizer, lr_scheduler=optimization.build_scheduler(args, optimizer, n_updates),
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'), amp_dtype=amp_dtype(args),
-        mixup_fn=optimization.build_mixup(args), model_ema=model_ema, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
-        updates_per_epoch=n_updates, print_freq=args.print_freq, batch_size=args.batch_size,
-        skip_nonfinite=args.skip_nonfinite, train_mode=args.train_mode,
-        cosub=args.cosub)
+        mixup_fn=optimization.build_mixup(args), model_ema=model_ema, accum_iter=args.accum_iter,
+        clip_grad=args.clip_grad, updates_per_epoch=n_updates, print_freq=args.print_freq, batch_size=args.batch_size,
+        skip_nonfinite=args.skip_nonfinite, train_mode=args.train_mode, cosub=args.cosub)
     if model_factory.is_evit(args.model):
         state.before_update = evit_models.KeepRateSchedule(
             [model] + ([model_ema.module] if model_ema else []), n_updates,

@@ -38,7 +38,8 @@ def same_weights(model, state):
 
 
 def test_an_entry_for_every_model_we_register_and_for_deits_published_ones():
-    ours = set(timm.list_models(module=['models', 'localvit_models', 'dhvt_models', 'evit_models', 'patchconvnet_models']))
+    ours = set(timm.list_models(module=['models', 'localvit_models', 'dhvt_models', 'evit_models',
+                                        'patchconvnet_models']))
     deit = {'deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224', 'deit_base_patch16_384',
             'deit_tiny_distilled_patch16_224', 'deit_small_distilled_patch16_224',
             'deit_base_distilled_patch16_224', 'deit_base_distilled_patch16_384', 'deit3_small_patch16_224'}
