@@ -33,16 +33,18 @@ def check_output_dir(path):
 
 
 def find_resume(args, class_names):
-    """Resume precedence: --resume, else output_dir/checkpoint.pth of this same run, else a fresh start."""
+    """Resume precedence: --resume, else output_dir/checkpoint.pth of this same run, else a fresh start.
+
+    Returns (path or '', the checkpoint when it was read here, else None), so that resume() need not read it again."""
     if args.resume:
-        return args.resume
+        return args.resume, None
     if not args.output_dir:
-        return ''
+        return '', None
     path = os.path.join(args.output_dir, CHECKPOINT)
     if not os.path.isfile(path):
-        return ''
+        return '', None
     if args.eval:
-        return path
+        return path, None
     try:
         ckpt = utils.load_checkpoint(path)
     except UserError as e:
@@ -52,14 +54,14 @@ def find_resume(args, class_names):
         if utils.is_main_process():
             os.replace(path, aside)
         utils.log(f'| --overwrite: {path} is unreadable; kept aside as {aside}, starting afresh')
-        return ''
+        return '', None
     config = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
     difference = identity_difference(config, vars(args), ckpt.get('class_names'), class_names)
     if not difference:
-        return path
+        return path, ckpt
     if args.overwrite:
         utils.log(f'| --overwrite: starting afresh; {path} will be replaced')
-        return ''
+        return '', None
     raise UserError(f'{args.output_dir} holds the checkpoint of another run ({difference}); '
                     'choose another --output_dir, pass --resume to continue that run, or add --overwrite')
 
@@ -128,12 +130,13 @@ def adapt_for_finetune(model, state):
     return state
 
 
-def resume(args, path, model, train_state, model_ema, class_names):
-    """Restore everything a checkpoint holds.
+def resume(args, path, model, train_state, model_ema, class_names, ckpt=None):
+    """Restore everything a checkpoint holds (`ckpt`: its contents, when find_resume has read them).
 
     Returns (start_epoch, start_step, max_accuracy, epoch_metrics, elapsed_seconds of the run clock).
     """
-    ckpt, _ = load_weights(model, path, 'checkpoint', fix='pass the --model, data set and size it was trained with')
+    ckpt, _ = load_weights(model, path, 'checkpoint', ckpt=ckpt,
+                           fix='pass the --model, data set and size it was trained with')
     if args.eval or 'optimizer' not in ckpt:
         utils.log(f'| loaded weights from {path}')
         return args.start_epoch, 0, 0.0, None, 0.0

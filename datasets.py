@@ -325,15 +325,15 @@ class ReducedDecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
     def __call__(self, img):
         if not isinstance(img, UndecodedJPEG):
             return super().__call__(img)
-        with img.header() as header:  # the size, without the pixels: timm's draws need a PIL image
-            i, j, h, w = self.get_params(header, self.scale, self.ratio)
+        i, j, h, w = self.get_params(img.image, self.scale, self.ratio)  # from the header's size, no pixels yet
         interpolation = random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list)) \
             else self.interpolation
         reduction = next(k for k in (8, 4, 2, 1) if k == 1 or (h // k >= self.size[0] and w // k >= self.size[1]))
+        width, height = img.size  # before decoding: a reduced decode shrinks the image
         decoded = img.decode(reduction)
-        if decoded.size == img.size:
+        if decoded.size == (width, height):
             return F.resized_crop(decoded, i, j, h, w, self.size, interpolation)
-        sx, sy = decoded.width / img.size[0], decoded.height / img.size[1]
+        sx, sy = decoded.width / width, decoded.height / height
         return decoded.resize(self.size[::-1], F.pil_modes_mapping[interpolation],
                               box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
 

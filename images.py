@@ -46,22 +46,23 @@ def _reason(error):
 
 
 class UndecodedJPEG:
-    """A JPEG whose header has been read but whose pixels have not: the first transform picks its crop from `size`
-    and then decodes only as much as that crop needs (ReducedDecodeRandomResizedCrop)."""
+    """A JPEG opened with its header read but its pixels not decoded: the first transform picks its crop from
+    `size` and then decodes only as much as that crop needs (ReducedDecodeRandomResizedCrop). The file is opened
+    once, here, and closed by decode()."""
 
-    def __init__(self, path, size):
-        self.path, self.size = path, size
+    def __init__(self, path, image):
+        self.path, self.image = path, image
 
-    def header(self):
-        """The file opened, not decoded (a context manager)."""
-        return Image.open(self.path)
+    @property
+    def size(self):
+        return self.image.size
 
     def decode(self, reduction=1):
         """The image as RGB, decoded at about 1 / reduction of its size by libjpeg's DCT scaling (1, 2, 4 or 8)."""
         try:
-            with Image.open(self.path) as img:
+            with self.image as img:
                 if reduction > 1:
-                    img.draft('RGB', (max(1, self.size[0] // reduction), max(1, self.size[1] // reduction)))
+                    img.draft('RGB', (max(1, img.size[0] // reduction), max(1, img.size[1] // reduction)))
                 img.load()
                 return img.convert('RGB')
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -74,9 +75,11 @@ def open_image(path):
     any other image decoded by load_rgb."""
     if path.lower().endswith(('.jpg', '.jpeg')) and os.path.isfile(path):
         try:
-            with Image.open(path) as img:
-                if img.format == 'JPEG' and img.mode in ('RGB', 'L'):
-                    return UndecodedJPEG(path, img.size)
+            img = Image.open(path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            pass  # load_rgb names the file and the reason
+            img = None  # load_rgb names the file and the reason
+        if img is not None and img.format == 'JPEG' and img.mode in ('RGB', 'L'):
+            return UndecodedJPEG(path, img)
+        if img is not None:
+            img.close()
     return load_rgb(path)

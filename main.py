@@ -225,10 +225,10 @@ def main(args):
         if args.only_test_speed:
             return
 
-    resume_path = find_resume(args, class_names)
+    resume_path, found = find_resume(args, class_names)
     start = (args.start_epoch, 0, 0.0, None, 0.0)  # epoch, step in it, best accuracy, metric sums, clock
     if resume_path:
-        start = resume(args, resume_path, model, train_state, model_ema, class_names)
+        start = resume(args, resume_path, model, train_state, model_ema, class_names, ckpt=found)
         args.start_epoch = start[0]
     check_something_to_do(args, resume_path)
     eval_kwargs = dict(device=device, amp_dtype=amp_dtype(args), distributed=args.distributed and args.dist_eval)
@@ -279,8 +279,9 @@ def train(args, plan, loops, writer, data, start, tb_writer):
     stage, loader_train = None, None
     while not plan.over(epoch):
         timer = utils.Timer()
-        if plan.stage(epoch) != stage:
-            previous, stage = stage, plan.stage(epoch)
+        next_stage = plan.stage(epoch)  # once: under a budget it follows the clock
+        if next_stage != stage:
+            previous, stage = stage, next_stage
             loader_train, loader_val = enter_stage(args, dataset_train, dataset_val, stage, previous, loader_val)
             loops.state.updates_per_epoch = optimization.updates_per_epoch(args, len(dataset_train), stage.batch)
             loops.state.batch_size = stage.batch
