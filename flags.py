@@ -155,6 +155,9 @@ def get_args_parser():
     g = p.add_argument_group('fine-tuning')
     g.add_argument('--finetune', default='', help='checkpoint to start from; head and position embedding '
                    'are adapted to this run')
+    g.add_argument('--pretrained', action='store_true',
+                   help="start from the weights the model's authors published (downloaded by timm; see README's "
+                        'published-weights table)')
     g.add_argument('--attn-only', action='store_true',
                    help="3Things: train only the attention weights, position embedding and classifier")
     g.add_argument('--train-mode', action=argparse.BooleanOptionalAction, default=True,
@@ -178,6 +181,9 @@ def get_args_parser():
                    help='skip unreadable image files (counted in the log) instead of stopping')
     g.add_argument('--fake-size', default=1280, type=int, help='FAKE: training images (val gets a fifth)')
     g.add_argument('--fake-classes', default=1000, type=int, help='FAKE: number of classes')
+    g.add_argument('--data-backend', default='pil', choices=['pil', 'dali'],
+                   help='pil: CPU workers decode, uint8 batches normalised, erased and mixed on the device; dali: '
+                        'NVIDIA DALI decodes and augments (on the GPU; its CPU mode without one); see docs/data.md')
     g.add_argument('--num-workers', '--num_workers', dest='num_workers', default=10, type=int)
     g.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True,
                    help='pin CPU memory in the DataLoader')
