@@ -137,9 +137,9 @@ def check_something_to_do(args, resume_path):
     if not resume_path and not args.eval and not args.time_budget and args.start_epoch >= optimization.run_epochs(args):
         raise UserError(f'--start_epoch {args.start_epoch} leaves nothing to train in --epochs {args.epochs} and '
                         'there is no checkpoint to resume; lower --start_epoch or raise --epochs')
-    if args.eval and not (resume_path or args.finetune):
+    if args.eval and not (resume_path or args.finetune or args.pretrained):
         raise UserError('--eval needs weights to score, and there is no checkpoint: pass --resume FILE, an '
-                        '--output_dir that holds checkpoint.pth, or --finetune FILE')
+                        '--output_dir that holds checkpoint.pth, --finetune FILE or --pretrained')
 
 
 def prepare_output_dir(args):
