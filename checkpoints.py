@@ -7,6 +7,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 import engine
+import model_parts
+import models  # noqa: F401 - each family registers the published checkpoint layouts it reads
 import utils
 from utils import UserError
 
@@ -84,19 +86,22 @@ def class_names_difference(saved, current):
 def load_weights(model, path, role, key='model', finetune=False, fix='pass a checkpoint of this model', ckpt=None):
     """Load the weights in `path` into `model`, the one reader behind --resume, --finetune, --teacher-path, the hub's
     checkpoint_path and predict: our checkpoints and DeiT's, plain state dicts, .safetensors files and URLs, all read
-    with weights_only. With `finetune`, a classifier of another class count stays newly initialised and the position
-    embedding is resized to the model's grid. One fit check, one message: `role PATH does not fit MODEL: the first
-    tensor that does not fit; fix`. `ckpt`: the file's contents when the caller has read them already. Returns (the
-    checkpoint dict, the names left newly initialised)."""
+    with weights_only, in our layout or in a family's published one (model_parts.read_layout), which one logged.
+    With `finetune`, a classifier of another class count stays newly initialised and the position embedding is
+    resized to the model's grid. One fit check, one message: `role PATH does not fit MODEL: the first tensor that
+    does not fit; fix`. `ckpt`: the file's contents when the caller has read them already. Returns (the checkpoint
+    dict, the names left newly initialised)."""
     ckpt = utils.load_checkpoint(path) if ckpt is None else ckpt
-    state = dict(utils.model_weights(ckpt, path, key))
+    layout, state = model_parts.read_layout(dict(utils.model_weights(ckpt, path, key)), model.state_dict())
     if finetune:
         state = adapt_for_finetune(model, state)
     problem = fit_problem(model.state_dict(), state, allow_missing=finetune)
+    name = getattr(model, 'default_cfg', {}).get('architecture') or type(model).__name__
     if problem:
-        name = getattr(model, 'default_cfg', {}).get('architecture') or type(model).__name__
-        raise UserError(f'{role} {path} does not fit {name}: {problem}; {fix}')
+        read_as = '' if layout == model_parts.OWN_LAYOUT else f'read as the {layout} layout, '
+        raise UserError(f'{role} {path} does not fit {name}: {read_as}{problem}; {fix}')
     result = model.load_state_dict(state, strict=not finetune)
+    utils.log(f'| {role} {path}: {layout} layout, loaded into {name}')
     return ckpt, result.missing_keys
 
 

@@ -18,6 +18,7 @@ Activation names follow the original code: 'relu' / 'relu6' / 'hs' (h-swish) for
 """
 from collections import namedtuple
 import math
+import re
 from functools import partial
 
 import torch
@@ -25,9 +26,9 @@ import torch.nn as nn
 from timm.layers import EcaModule
 from timm.models import (VisionTransformer, VisionTransformerDistilled, build_model_with_cfg,
                          generate_default_cfgs, register_model)
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, checkpoint_filter_fn
 
-from model_parts import pretrained_cfg
+from model_parts import pretrained_cfg, register_layout, renamed, to_our_layout
 
 LOCALVIT_ACTS = ('relu', 'relu6', 'hs', 'hs+se', 'hs+eca', 'hs+ecah')
 IMPROVED_LOCALVIT_ACTS = ('relu6', 'hs', 'hs+se', 'hs+eca', 'hs+ecah')  # what `--localvit-act` takes there
@@ -224,6 +225,81 @@ class LocalViTBlock(Block):
         self.drop_path2 = nn.Identity()
 
 
+# ---------------------------------------------------------------- published checkpoint layouts
+
+# ofsoundof/LocalViT keeps the FFN as one Sequential, blocks.i.conv.conv.j; its modules with weights are, in order:
+# 1x1 conv, BN, depth-wise 3x3, BN, the channel attention (absent without '+se' / '+eca'), 1x1 conv, BN.
+LOCALVIT_FFN_PARTS = ('fc1', 'norm1', 'dwconv', 'norm2', 'attn', 'fc2', 'norm3')
+_LOCALVIT_FFN_KEY = re.compile(r'blocks\.(\d+)\.conv\.conv\.(\d+)\.(.+)')
+
+
+def is_localvit_release(state):
+    return 'blocks.0.conv.conv.1.running_var' in state  # BN after the 1x1 conv; the 24-hour code has none
+
+
+def from_localvit_release(state, own=None):
+    """ofsoundof/LocalViT's names (release v1.0.0: localvit_t, localvit_t_se4, localvit_s) -> ours."""
+    matches = {key: _LOCALVIT_FFN_KEY.fullmatch(key) for key in state}
+    modules = {}  # block -> indices of its FFN modules that hold weights
+    for match in filter(None, matches.values()):
+        modules.setdefault(match[1], set()).add(int(match[2]))
+    out = {}
+    for key, value in state.items():
+        match = matches[key]
+        order = sorted(modules[match[1]]) if match else ()
+        parts = [p for p in LOCALVIT_FFN_PARTS if len(order) == 7 or p != 'attn']
+        if match and len(order) == len(parts):
+            block, index, rest = match.groups()
+            rest = re.sub(r'^fc\.0\.', 'fc1.', re.sub(r'^fc\.2\.', 'fc2.', rest))  # SE: Linear, ReLU, Linear
+            key = f'blocks.{block}.mlp.{parts[order.index(int(index))]}.{rest}'
+        out[key] = value
+    return out
+
+
+def is_24h_code(state):
+    return 'blocks.0.attn.toq.weight' in state
+
+
+# Weights the 24-hour code saves but never uses (head-mixing Linears, the FFN's BatchNorm1d layers), and second
+# names of shared modules (its FFN holds the block's norm2 and gamma_2).
+_24H_UNUSED = re.compile(r'blocks\.\d+\.(attn\.proj_[lw]\.|conv\.bn[12]\.|conv\.layernorm\.|conv\.gamma_2$)')
+_24H_RENAMES = [(re.compile(pattern), replacement) for pattern, replacement in (
+    (r'\.gamma_([12])$', r'.ls\1.gamma'),
+    (r'\.conv\.fc([12])\.', r'.mlp.fc\1.'),
+    (r'\.conv\.conv\.0\.', '.mlp.dwconv.'),
+    (r'\.conv\.conv\.2\.fc\.0\.', '.mlp.attn.fc1.'),
+    (r'\.conv\.conv\.2\.fc\.2\.', '.mlp.attn.fc2.'),
+    (r'\.conv\.conv\.2\.conv\.', '.mlp.attn.conv.'))]
+
+
+def from_24h_code(state, own):
+    """BorealisAI/efficient-vit-training's DeiT (with --localvit, --layerscale or neither) -> timm's DeiT with
+    improved_localvit_options()."""
+    merged = _merged_qkv(state, own)
+    kept = {key: value for key, value in state.items() if not _24H_UNUSED.match(key)}
+    return renamed({**kept, **merged}, _24H_RENAMES)
+
+
+def _merged_qkv(state, own):
+    """Pops the separate bias-free q, k and v weights of each block out of `state` and returns them as one qkv,
+    with a zero bias where the model has one (which computes the same)."""
+    merged = {}
+    for key in [k for k in state if k.endswith('.attn.toq.weight')]:
+        attn = key[:-len('toq.weight')]
+        names = [f'{attn}{part}.weight' for part in ('toq', 'tok', 'tov')]
+        if all(name in state for name in names):
+            merged[attn + 'qkv.weight'] = torch.cat([state.pop(name) for name in names])
+            if attn + 'qkv.bias' in own:
+                merged[attn + 'qkv.bias'] = own[attn + 'qkv.bias'].new_zeros(own[attn + 'qkv.bias'].shape)
+    return merged
+
+
+register_layout('LocalViT (ofsoundof/LocalViT)', is_localvit_release, from_localvit_release)
+register_layout('24-hour ViT (BorealisAI/efficient-vit-training)', is_24h_code, from_24h_code)
+
+
+# ---------------------------------------------------------------- sizes and registration
+
 Size = namedtuple('Size', 'patch img dim depth heads se_reduction distilled')
 LOCALVIT_SIZES = {
     'localvit_tiny_patch16_224': Size(16, 224, 192, 12, 4, 192, False),
@@ -239,9 +315,27 @@ LOCALVIT_SIZES = {
 NUM_CLASSES_BY_IMAGE_SIZE = {224: 1000, 32: 100, 16: 10}
 
 
+# The authors' ImageNet-1k weights (ofsoundof/LocalViT, release v1.0.0): model -> (file, top-1 the authors report).
+# Their evaluation is DeiT's: resize to 256, centre crop 224 (0.875), bicubic, ImageNet mean and std.
+RELEASE_URL = 'https://github.com/ofsoundof/LocalViT/releases/download/v1.0.0/'
+RELEASED_WEIGHTS = {
+    'localvit_tiny_patch16_224': ('localvit_t.pth', 74.84),
+    'localvit_tiny_se4_patch16_224': ('localvit_t_se4.pth', 75.74),
+    'localvit_small_patch16_224': ('localvit_s.pth', 80.78),
+}
+
+
+def _cfg(name, size):
+    cfg = pretrained_cfg(size.img, NUM_CLASSES_BY_IMAGE_SIZE[size.img], size.distilled)
+    if name not in RELEASED_WEIGHTS:
+        return cfg
+    file, top1 = RELEASED_WEIGHTS[name]
+    return dict(cfg, url=RELEASE_URL + file, origin_url='https://github.com/ofsoundof/LocalViT',
+                paper_ids='arXiv:2104.05707', notes=(f'top-1 {top1} on ImageNet-1k val as reported by the authors',))
+
+
 default_cfgs = generate_default_cfgs({
-    name: pretrained_cfg(size.img, NUM_CLASSES_BY_IMAGE_SIZE[size.img], size.distilled)
-    for name, size in LOCALVIT_SIZES.items()})
+    name + ('.in1k' if name in RELEASED_WEIGHTS else ''): _cfg(name, size) for name, size in LOCALVIT_SIZES.items()})
 
 
 def _create_localvit(name, pretrained=False, act='hs+se', se_reduction=None, **kwargs):
@@ -254,7 +348,13 @@ def _create_localvit(name, pretrained=False, act='hs+se', se_reduction=None, **k
                       block_fn=block_fn)
     model_cls = VisionTransformerDistilled if distilled else VisionTransformer
     feature_cfg = dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter')
-    return build_model_with_cfg(model_cls, name, pretrained, feature_cfg=feature_cfg, **dict(model_args, **kwargs))
+    return build_model_with_cfg(model_cls, name, pretrained, feature_cfg=feature_cfg, pretrained_filter_fn=_filter,
+                                **dict(model_args, **kwargs))
+
+
+def _filter(checkpoint, model):
+    """A downloaded file under our names, its position embedding resized to the model's grid (timm's filter)."""
+    return checkpoint_filter_fn(to_our_layout(checkpoint, model), model)
 
 
 @register_model
