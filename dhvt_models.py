@@ -15,6 +15,7 @@ with torch.nn.SyncBatchNorm.convert_sync_batchnorm. The distilled variants add D
 head, with the interface of timm's VisionTransformerDistilled.
 """
 from collections import namedtuple
+import re
 
 import torch
 import torch.nn as nn
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from model_parts import pretrained_cfg, sope_widths
+from model_parts import pretrained_cfg, register_layout, renamed, sope_widths, to_our_layout
 
 __all__ = ['DHVT', 'DHVTDistilled', 'DHVT_SIZES', 'PAPER_FIGURES', 'ORIGINAL_CODE_GMACS']
 
@@ -300,6 +301,32 @@ def _new_head(model, num_classes):
     return head.train(model.training)
 
 
+# ---------------------------------------------------------------- the published checkpoint layout
+
+def is_dhvt_code(state):
+    return 'blocks.0.attn.ht_proj.weight' in state
+
+
+# ArieSeirack/DHVT wraps each stem conv with its BatchNorm in a Sequential, GELUs between: proj.(2k).0 / .1 are
+# our proj.(3k) / proj.(3k + 1); its head tokens are ht_*, their embedding attn.pos_embed.
+_DHVT_RENAMES = [(re.compile(pattern), replacement) for pattern, replacement in (
+    (r'^patch_embed\.proj\.(\d+)\.([01])\.', lambda m: f'patch_embed.proj.{int(m[1]) // 2 * 3 + int(m[2])}.'),
+    (r'\.attn\.ht_proj\.', '.attn.head_proj.'),
+    (r'\.attn\.ht_norm\.', '.attn.head_norm.'),
+    (r'\.attn\.pos_embed$', '.attn.head_embed'),
+    (r'_affine\.alpha$', '_affine.scale'),
+    (r'_affine\.beta$', '_affine.shift'))]
+
+
+def from_dhvt_code(state, own=None):
+    """ArieSeirack/DHVT's names -> ours; its affines are (1, C, 1, 1), ours (C,)."""
+    out = renamed(state, _DHVT_RENAMES)
+    return {k: v.flatten() if re.search(r'_affine\.(scale|shift)$', k) else v for k, v in out.items()}
+
+
+register_layout('DHVT (ArieSeirack/DHVT)', is_dhvt_code, from_dhvt_code)
+
+
 # ---------------------------------------------------------------- sizes and registration
 
 Size = namedtuple('Size', 'patch img dim depth heads classes distilled', defaults=(False,))
@@ -354,7 +381,8 @@ def _create_dhvt(name, pretrained=False, device=None, dtype=None, **kwargs):
     model_args = dict(patch_size=size.patch, img_size=size.img, embed_dim=size.dim, depth=size.depth,
                       num_heads=size.heads, num_classes=size.classes)
     model_cls = DHVTDistilled if size.distilled else DHVT
-    model = build_model_with_cfg(model_cls, name, pretrained, **dict(model_args, **kwargs))
+    model = build_model_with_cfg(model_cls, name, pretrained, pretrained_filter_fn=to_our_layout,
+                                 **dict(model_args, **kwargs))
     return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
 
 

@@ -13,6 +13,7 @@ The class token's attention over the patches is the model's explanation of its d
 `model.class_attention_map(images)` returns it as a (B, queries, H / patch, W / patch) map.
 """
 from collections import namedtuple
+import re
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, SEModule, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from model_parts import pretrained_cfg, sope_widths
+from model_parts import pretrained_cfg, register_layout, renamed, sope_widths, to_our_layout
 
 __all__ = ['PatchConvnet', 'PATCHCONVNET_SIZES', 'PAPER_FIGURES']
 
@@ -231,6 +232,40 @@ def _init_weights(module):
         nn.init.zeros_(module.bias)
 
 
+# ---------------------------------------------------------------- DeiT's published layout
+
+def is_deit_patchconvnet(state):
+    return 'blocks_token_only.0.attn.q.weight' in state
+
+
+# facebookresearch/deit's patchconvnet_models.py: stem convs wrapped in a Sequential; each trunk block's f is one
+# Sequential qkv_pos (1x1, GELU, depth-wise, GELU, SqueezeExcite, 1x1); the aggregation block is blocks_token_only.0.
+_DEIT_RENAMES = [(re.compile(pattern), replacement) for pattern, replacement in (
+    (r'^patch_embed\.proj\.(\d+)\.0\.', r'patch_embed.proj.\1.'),
+    (r'^(blocks\.\d+)\.norm1\.', r'\1.norm.'),
+    (r'^(blocks\.\d+)\.gamma_1$', r'\1.gamma'),
+    (r'^(blocks\.\d+)\.attn\.qkv_pos\.0\.', r'\1.mixer.pw1.'),
+    (r'^(blocks\.\d+)\.attn\.qkv_pos\.2\.', r'\1.mixer.dw.'),
+    (r'^(blocks\.\d+)\.attn\.qkv_pos\.4\.conv_reduce\.', r'\1.mixer.se.fc1.'),
+    (r'^(blocks\.\d+)\.attn\.qkv_pos\.4\.conv_expand\.', r'\1.mixer.se.fc2.'),
+    (r'^(blocks\.\d+)\.attn\.qkv_pos\.5\.', r'\1.mixer.pw2.'),
+    (r'^blocks_token_only\.0\.', 'aggregation.'))]
+
+
+def from_deit_patchconvnet(state, own=None):
+    """DeiT's names -> ours. The multi-class-token model's 1-output heads head.c become the rows of one head."""
+    out = renamed(state, _DEIT_RENAMES)
+    num_heads = sum(1 for key in out if re.fullmatch(r'head\.\d+\.weight', key))
+    parts = {part: [f'head.{c}.{part}' for c in range(num_heads)] for part in ('weight', 'bias')}
+    if num_heads and all(key in out for keys in parts.values() for key in keys):
+        for part, keys in parts.items():
+            out[f'head.{part}'] = torch.cat([out.pop(key) for key in keys])
+    return out
+
+
+register_layout("PatchConvnet (facebookresearch/deit)", is_deit_patchconvnet, from_deit_patchconvnet)
+
+
 # ---------------------------------------------------------------- sizes and registration
 
 Size = namedtuple('Size', 'dim depth init_values multi_class patch img classes', defaults=(False, 16, 224, 1000))
@@ -266,7 +301,8 @@ def _create(name, pretrained=False, **kwargs):
     size = PATCHCONVNET_SIZES[name]
     model_args = dict(patch_size=size.patch, img_size=size.img, embed_dim=size.dim, depth=size.depth,
                       init_values=size.init_values, multi_class=size.multi_class, num_classes=size.classes)
-    return build_model_with_cfg(PatchConvnet, name, pretrained, **dict(model_args, **kwargs))
+    return build_model_with_cfg(PatchConvnet, name, pretrained, pretrained_filter_fn=to_our_layout,
+                                **dict(model_args, **kwargs))
 
 
 @register_model
