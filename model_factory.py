@@ -78,23 +78,52 @@ def flag_names(options):
 SIZE_OPTIONS = ('dynamic_img_size', 'img_size')  # what models that take any input size (convnets, DHVT) lack
 
 
-def create_at_size(name, input_size, **kwargs):
+def create_at_size(name, input_size, pretrained=False, **kwargs):
     """timm.create_model at `input_size`: img_size is passed only where it differs from the model's native size,
     and dropped (with dynamic_img_size) for models that take any size as they are (convnets, DHVT)."""
     native = timm.get_pretrained_cfg_value(name, 'input_size')
     if native is not None and native[-1] != input_size:
         kwargs['img_size'] = input_size
-    return _create(name, kwargs)
+    return _create(name, pretrained, kwargs)
 
 
-def _create(name, kwargs):
+def _create(name, pretrained, kwargs):
     try:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         unsupported = [k for k in SIZE_OPTIONS if k in kwargs and f"'{k}'" in str(e)]
         if not unsupported:
             raise
-        return _create(name, {k: v for k, v in kwargs.items() if k not in unsupported})
+        return _create(name, pretrained, {k: v for k, v in kwargs.items() if k not in unsupported})
+
+
+def published_weights(name):
+    """Where timm downloads the weights of `name` from (its pretrained cfg's Hugging Face hub id or URL), or ''."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return (cfg.hf_hub_id or cfg.url or '') if cfg is not None else ''
+
+
+def create_pretrained(args, options):
+    """--pretrained: the model with the weights its authors published, downloaded by timm, which drops a classifier
+    of another class count and resizes the position embedding to --input-size."""
+    source = published_weights(args.model)
+    if not source:
+        raise UserError(f'--pretrained: {args.model} has no published weights (see README\'s published-weights '
+                        'table); pass --finetune FILE with weights you have')
+    if args.finetune:
+        raise UserError('--pretrained and --finetune both give the starting weights; pass one of them')
+    try:
+        return create_at_size(args.model, args.input_size, pretrained=True, num_classes=args.nb_classes,
+                              drop_rate=args.drop, drop_path_rate=args.drop_path, **options)
+    except OSError as e:  # urllib, Hugging Face hub and missing-file errors are all OSErrors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f'--pretrained: could not download the {args.model} weights from {source} ({reason}); '
+                        'download the file yourself and pass --finetune FILE (or --resume FILE with --eval)') from e
+    except RuntimeError as e:
+        if 'state_dict' not in str(e):
+            raise
+        raise UserError(f'--pretrained: the published {args.model} weights do not fit the model built with '
+                        f'{flag_names(options) or "these flags"}; drop those flags or train without --pretrained') from e
 
 
 def build_model(args):
@@ -104,8 +133,11 @@ def build_model(args):
         raise UserError(f'unknown model {args.model}; {hint}')
     options = model_options(args)
     try:
-        model = create_at_size(args.model, args.input_size, num_classes=args.nb_classes, drop_rate=args.drop,
-                               drop_path_rate=args.drop_path, **options)
+        if args.pretrained:
+            model = create_pretrained(args, options)
+        else:
+            model = create_at_size(args.model, args.input_size, num_classes=args.nb_classes, drop_rate=args.drop,
+                                   drop_path_rate=args.drop_path, **options)
     except TypeError as e:
         if options and 'unexpected keyword' in str(e):
             raise UserError(f'{args.model} does not support {flag_names(options)} ({e}); '

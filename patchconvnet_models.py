@@ -293,8 +293,35 @@ PAPER_FIGURES = {
 }
 
 
-default_cfgs = generate_default_cfgs({name: pretrained_cfg(size.img, size.classes, first_conv='patch_embed.proj.0')
-                                       for name, size in PATCHCONVNET_SIZES.items()})
+# DeiT's published weights (README_patchconvnet.md), for DeiT's evaluation transform (its default crop ratio 0.875,
+# bicubic): tagged name -> (file, top-1 on ImageNet-1k val as the authors report it). in22k_ft_in1k: pretrained on
+# ImageNet-21k, fine-tuned on ImageNet-1k. Their 384 and 512 px files state no evaluation crop: load those by file.
+WEIGHTS_URL = 'https://dl.fbaipublicfiles.com/deit/'
+PUBLISHED_WEIGHTS = {
+    'S60.fb_in1k': ('s60_224_1k.pth', 82.1),
+    'S60.fb_in22k_ft_in1k': ('s60_224_21k.pth', 83.5),
+    'S120.fb_in1k': ('s120_224_1k.pth', 83.2),
+    'B60.fb_in1k': ('b60_224_1k.pth', 83.5),
+    'B60.fb_in22k_ft_in1k': ('b60_224_21k.pth', 85.4),
+    'B120.fb_in1k': ('b120_224_1k.pth', 84.1),
+    'B120.fb_in22k_ft_in1k': ('b120_224_21k.pth', 86.0),
+    'S60_multi.fb_scratch_in1k': ('s60_multi_scratch_1k.pth', 81.1),
+    'S60_multi.fb_finetune_in1k': ('s60_multi_finetune_1k.pth', 82.0),
+}
+
+
+def _cfg(size, file=None, top1=None):
+    cfg = pretrained_cfg(size.img, size.classes, first_conv='patch_embed.proj.0')
+    if file is None:
+        return cfg
+    return dict(cfg, url=WEIGHTS_URL + file, license='apache-2.0', origin_url='https://github.com/facebookresearch/deit',
+                paper_ids='arXiv:2112.13692', notes=(f'top-1 {top1} on ImageNet-1k val as reported by the authors',))
+
+
+_PUBLISHED_ARCHS = {name.split('.')[0] for name in PUBLISHED_WEIGHTS}
+default_cfgs = generate_default_cfgs({
+    **{name: _cfg(PATCHCONVNET_SIZES[name.split('.')[0]], *weights) for name, weights in PUBLISHED_WEIGHTS.items()},
+    **{name: _cfg(size) for name, size in PATCHCONVNET_SIZES.items() if name not in _PUBLISHED_ARCHS}})
 
 
 def _create(name, pretrained=False, **kwargs):

@@ -69,16 +69,19 @@ def _from_checkpoint(path, model_name, ema):
     ckpt = utils.load_checkpoint(path)
     state = _state_dict(ckpt, path, ema)
     args = training.get_args_parser().parse_args([])
-    vars(args).update((ckpt.get('args') or {}))
-    trained_as = (ckpt.get('args') or {}).get('model')
+    saved = ckpt.get('args') or {}
+    if saved.get('model') and not timm.is_model(saved['model']):
+        saved = {}  # the args of another codebase (LocalViT's, EViT's...), whose model names are not ours
+    vars(args).update(saved)
+    trained_as = saved.get('model')
     if trained_as and model_name and model_name != trained_as:
         raise ValueError(f'{path} holds a {trained_as}, not a {model_name}; drop --model or pass --model {trained_as}')
     if not (trained_as or model_name):
         raise ValueError(f'{path} does not name its model; pass --model NAME')
     args.model = trained_as or model_name
-    if 'nb_classes' not in (ckpt.get('args') or {}):
+    if 'nb_classes' not in saved:
         args.nb_classes = _num_classes(state, args.model)
-    if 'input_size' not in (ckpt.get('args') or {}):
+    if 'input_size' not in saved:
         args.input_size = timm.get_pretrained_cfg_value(args.model, 'input_size')[-1]
     model = model_factory.build_model(args)
     try:
