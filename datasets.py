@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
 
@@ -29,11 +29,12 @@ def resolve_data_set(args):
     return args.data_set
 
 
-def build_dataset(is_train, args):
-    """Return (dataset, class_names) for the split; class indices are positions in class_names."""
+def build_dataset(is_train, args, uint8=False):
+    """Return (dataset, class_names) for the split; class indices are positions in class_names. `uint8`: see
+    build_transform."""
     if args.use_lmdb and args.data_set not in ('IMNET', 'FOLDER'):
         raise UserError(f'--use-lmdb reads IMNET / FOLDER data from an LMDB, not {args.data_set}; drop --use-lmdb')
-    transform = build_transform(is_train, args)
+    transform = build_transform(is_train, args, uint8)
     builder = {'IMNET': _image_folder, 'FOLDER': _image_folder, 'CIFAR10': _cifar, 'CIFAR100': _cifar,
                'INAT18': _inat, 'INAT19': _inat, 'LIST': _list, 'DIGITS': _digits, 'FAKE': _fake}[args.data_set]
     return builder(is_train, args, transform)
@@ -285,16 +286,18 @@ def _fake(is_train, args, transform):
 
 # ---------------------------------------------------------------- transforms
 
-def build_transform(is_train, args):
+def build_transform(is_train, args, uint8=False):
+    """The pipeline of one split. With `uint8`, it stops at a uint8 (3, H, W) tensor: normalisation and random
+    erasing are left to loaders.DeviceFinish, on the device, as timm's prefetcher does."""
     size = args.input_size
     if not is_train:
-        return _eval_transform(size, args)
+        return _eval_transform(size, args, uint8)
     if args.ThreeAugment:
-        return three_augment_transform(size, args)
+        return three_augment_transform(size, args, uint8)
     transform = create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
                                  auto_augment=_aa(args), interpolation=args.train_interpolation, re_prob=args.reprob,
                                  re_mode=args.remode, re_count=args.recount, hflip=args.hflip,
-                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, use_prefetcher=uint8)
     if size <= SMALL_IMAGE_MAX:
         # DeiT swaps the random-resized crop for a padded random crop; images of another size are resized first
         transform.transforms[0:1] = small_image_crop(size)
@@ -342,16 +345,18 @@ def _aa(args):
     return None if args.aa in (None, '', 'none') else args.aa
 
 
-def _normalize():
+def _to_tensor(uint8):
+    if uint8:
+        return [MaybePILToTensor()]
     return [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
 
 
-def _eval_transform(size, args):
+def _eval_transform(size, args, uint8=False):
     if size <= SMALL_IMAGE_MAX:
-        return transforms.Compose([ResizeIfNeeded(size)] + _normalize())
+        return transforms.Compose([ResizeIfNeeded(size)] + _to_tensor(uint8))
     resize = int(size / args.eval_crop_ratio)
     return transforms.Compose([transforms.Resize(resize, interpolation=_interp('bicubic')),
-                               transforms.CenterCrop(size)] + _normalize())
+                               transforms.CenterCrop(size)] + _to_tensor(uint8))
 
 
 def _interp(name):
@@ -393,7 +398,7 @@ class _GaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=radius))
 
 
-def three_augment_transform(size, args):
+def three_augment_transform(size, args, uint8=False):
     """DeiT III's 3-Augment: crop (RandomResizedCrop, or Simple Random Crop with --src), flip, one of
     grayscale / solarize / blur, colour jitter."""
     if args.src:
@@ -406,4 +411,4 @@ def three_augment_transform(size, args):
                                              _GaussianBlur()])]
     if args.color_jitter:
         steps.append(transforms.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
-    return transforms.Compose(steps + _normalize())
+    return transforms.Compose(steps + _to_tensor(uint8))

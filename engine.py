@@ -23,6 +23,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     amp_dtype: Optional[torch.dtype] = None
     mixup_fn: Optional[Callable] = None
+    finish_batch: Optional[Callable] = None  # uint8 batches on the device -> normalised, erased (loaders.DeviceFinish)
     model_ema: Optional[torch.nn.Module] = None
     accum_iter: int = 1
     clip_grad: Optional[float] = None
@@ -112,6 +113,8 @@ def _prepare_batch(samples, targets, device, state):
     Returns (samples, targets, images in the batch)."""
     samples = samples.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
+    if state.finish_batch is not None:
+        samples = state.finish_batch(samples)
     if state.mixup_fn is not None:
         samples, targets = state.mixup_fn(samples, targets)
     batch_size = samples.shape[0]
@@ -158,8 +161,9 @@ def _print_progress(epoch, done, total, metrics, lr, window_start, window_images
 
 
 @torch.no_grad()
-def evaluate(loader, model, device, amp_dtype=None, distributed=False, prefix=''):
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader's images.
+def evaluate(loader, model, device, amp_dtype=None, distributed=False, prefix='', finish_batch=None):
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader's images (uint8 ones through
+    `finish_batch` on the device).
 
     With `distributed`, each rank has scored its own share of the images and the sums are combined,
     so every image counts exactly once.
@@ -174,6 +178,8 @@ def evaluate(loader, model, device, amp_dtype=None, distributed=False, prefix=''
         images, targets = batch
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        if finish_batch is not None:
+            images = finish_batch(images)
         with autocast(device, amp_dtype):
             output = model(images)
         output = output.float()

@@ -1,6 +1,8 @@
 """The DataLoaders of a run: DeiT's choice of training sampler, per-sample seeds, workers that leave the stop signals
-to the main process, and batches that survive unreadable images."""
+to the main process, batches that survive unreadable images, and the uint8 batches' last steps on the device."""
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 
 import utils
@@ -47,3 +49,31 @@ def build_val_loader(args, dataset_val):
     return DataLoader(SeededDataset(dataset_val, skipped_errors(args)),
                       sampler=EvalSampler(len(dataset_val), world, rank),
                       batch_size=int(1.5 * args.batch_size), drop_last=False, **loader_options(args))
+
+
+class DeviceFinish:
+    """The end of the input pipeline, run on the device on whole batches (timm's prefetcher pattern): uint8 images
+    from the loader to float, normalised with ImageNet's mean and std, then (training) timm's random erasing.
+
+    The workers then ship a quarter of the bytes and skip the float work. Erasing draws from the main process's
+    RNG, which every checkpoint saves, so a resumed run erases exactly as the uninterrupted one."""
+
+    def __init__(self, device, re_prob=0.0, re_mode='pixel', re_count=1):
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1) * 255
+        self.erasing = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=device) if re_prob > 0 \
+            else None
+
+    def __call__(self, images):
+        if images.dtype != torch.uint8:
+            raise TypeError(f'DeviceFinish takes the uint8 batches of build_transform(..., uint8=True), '
+                            f'not {images.dtype}')
+        images = images.float().sub_(self.mean).div_(self.std)
+        return self.erasing(images) if self.erasing is not None else images
+
+
+def device_finish(args, device, is_train):
+    """DeiT erases after its timm pipeline, not after 3-Augment."""
+    if not is_train or args.ThreeAugment:
+        return DeviceFinish(device)
+    return DeviceFinish(device, args.reprob, args.remode, args.recount)

@@ -20,7 +20,7 @@ import visualize
 from checkpoints import BEST_CHECKPOINT, CHECKPOINT, CheckpointWriter, check_output_dir, find_resume, resume
 from datasets import build_dataset, build_transform, loader_for, resolve_data_set
 from flags import check_flag_ranges, get_args_parser, parse_args  # noqa: F401 - get_args_parser: used by the scripts
-from loaders import build_train_loader, build_val_loader, sampler_description
+from loaders import build_train_loader, build_val_loader, device_finish, sampler_description
 from utils import UserError
 
 
@@ -112,9 +112,10 @@ def build_train_state(args, model, model_ema, n_updates, device):
     state = engine.TrainState(
         optimizer=optimizer, lr_scheduler=optimization.build_scheduler(args, optimizer, n_updates),
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'), amp_dtype=amp_dtype(args),
-        mixup_fn=optimization.build_mixup(args), model_ema=model_ema, accum_iter=args.accum_iter,
-        clip_grad=args.clip_grad, updates_per_epoch=n_updates, print_freq=args.print_freq, batch_size=args.batch_size,
-        skip_nonfinite=args.skip_nonfinite, train_mode=args.train_mode, cosub=args.cosub)
+        mixup_fn=optimization.build_mixup(args), finish_batch=device_finish(args, device, is_train=True),
+        model_ema=model_ema, accum_iter=args.accum_iter, clip_grad=args.clip_grad, updates_per_epoch=n_updates,
+        print_freq=args.print_freq, batch_size=args.batch_size, skip_nonfinite=args.skip_nonfinite,
+        train_mode=args.train_mode, cosub=args.cosub)
     if model_factory.is_evit(args.model):
         state.before_update = evit_models.KeepRateSchedule(
             [model] + ([model_ema.module] if model_ema else []), n_updates,
@@ -210,8 +211,8 @@ def main(args):
     utils.end_workers_at_exit()
     device = resolve_config(args)
     sizes = schedules.size_schedule_from_flags(args)
-    dataset_train, class_names = build_dataset(True, args)
-    dataset_val, _ = build_dataset(False, args)
+    dataset_train, class_names = build_dataset(True, args, uint8=True)
+    dataset_val, _ = build_dataset(False, args, uint8=True)
     report_skipped_files(dataset_train, dataset_val)
     args.nb_classes = len(class_names)
     model, model_ema = build_models(args, device)
@@ -231,11 +232,11 @@ def main(args):
         start = resume(args, resume_path, model, train_state, model_ema, class_names, ckpt=found)
         args.start_epoch = start[0]
     check_something_to_do(args, resume_path)
-    eval_kwargs = dict(device=device, amp_dtype=amp_dtype(args), distributed=args.distributed and args.dist_eval)
+    eval_kwargs = dict(device=device, amp_dtype=amp_dtype(args), distributed=args.distributed and args.dist_eval,
+                       finish_batch=device_finish(args, device, is_train=False))
     if args.eval:
         engine.evaluate(loader_val, model, **eval_kwargs)
-        if args.visualize_mask:
-            visualize.save_keep_masks(model, dataset_val, args.output_dir, args.n_visualization, device, class_names)
+        save_keep_masks(args, model, dataset_val, device, class_names)
         return
     prepare_output_dir(args)
     tb_writer = start_log(args, resume_path)
@@ -257,7 +258,13 @@ def main(args):
     if stopped:
         return
     utils.log(f'| training time {utils.format_seconds(clock.elapsed())}; max accuracy {writer.best:.2f}%')
+    save_keep_masks(args, model, dataset_val, device, class_names)
+
+
+def save_keep_masks(args, model, dataset_val, device, class_names):
+    """EViT's mask pictures (--visualize-mask), drawn from normalised images at the evaluation size."""
     if args.visualize_mask:
+        dataset_val.transform = build_transform(False, args)
         visualize.save_keep_masks(model, dataset_val, args.output_dir, args.n_visualization, device, class_names)
 
 
@@ -306,11 +313,11 @@ def train(args, plan, loops, writer, data, start, tb_writer):
 
 def enter_stage(args, dataset_train, dataset_val, stage, previous, loader_val):
     """Loaders for a (train size, batch, eval size) stage: the one stage of a plain run, or a multi-size step."""
-    dataset_train.transform = build_transform(True, at_size(args, stage.size))
+    dataset_train.transform = build_transform(True, at_size(args, stage.size), uint8=True)
     if hasattr(dataset_train, 'loader'):  # image files: JPEGs decoded only as far as their crop needs
         dataset_train.loader = loader_for(dataset_train.transform)
     if previous is None or stage.eval_size != previous.eval_size:
-        dataset_val.transform = build_transform(False, at_size(args, stage.eval_size))
+        dataset_val.transform = build_transform(False, at_size(args, stage.eval_size), uint8=True)
         loader_val = build_val_loader(args, dataset_val)
     if utils.is_main_process() and (stage.size, stage.batch) != (args.input_size, args.batch_size):
         print(f'| training at {stage.size} px, batch {stage.batch}; evaluating at {stage.eval_size} px', flush=True)

@@ -80,7 +80,7 @@ class SeededDataset(Dataset):
     """Wraps a dataset so that item (index, seed) is loaded and augmented under its own seed; a plain
     index is loaded as it is.
 
-    Python's and torch's global RNG states are restored afterwards, so loading in the main process
+    Python's, NumPy's and torch's global RNG states are restored afterwards, so loading in the main process
     (num_workers=0) does not disturb the training RNG. Exceptions of the types in `skip` are handled in one of two
     ways. With `refill` (training), the next items of the dataset are tried in turn under the same seed, and the
     sample becomes (image, target, number of items skipped): batches keep their size, which Mixup and DDP need.
@@ -109,14 +109,16 @@ class SeededDataset(Dataset):
     def _load(self, index, seed):
         if seed is None:
             return self.dataset[index]
-        py_state = random.getstate()
+        py_state, np_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
                 random.seed(seed)
+                np.random.seed(seed % 2 ** 32)  # timm's RandAugment picks its ops with NumPy
                 torch.manual_seed(seed)
                 return self.dataset[index]
         finally:
             random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def collate_skipping_none(batch):

@@ -3,6 +3,7 @@ import random
 from collections import Counter
 
 import pytest
+import numpy as np
 import torch
 from torchvision import transforms
 
@@ -134,7 +135,7 @@ class Images(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        return self.transform(self.images[index]), random.random()
+        return self.transform(self.images[index]), (random.random(), float(np.random.rand()))
 
 
 def test_seeded_dataset_is_reproducible_per_seed():
@@ -148,12 +149,25 @@ def test_seeded_dataset_is_reproducible_per_seed():
     assert ds[(1, 2 ** 63 - 1)][0].shape == (3, 8, 8)
 
 
+def test_seeded_dataset_seeds_numpy_too():
+    """timm's RandAugment picks its ops with np.random: a sample's NumPy draws must follow its seed, whatever the
+    worker's NumPy state."""
+    ds = SeededDataset(Images())
+    np.random.seed(1)
+    first = ds[(1, 12345)][1]
+    np.random.seed(2)
+    assert ds[(1, 12345)][1] == first
+    assert ds[(1, 54321)][1][1] != first[1]
+
+
 def test_seeded_dataset_keeps_global_rng_state():
     ds = SeededDataset(Images())
     random.seed(7)
     torch.manual_seed(7)
-    py_state, torch_state = random.getstate(), torch.get_rng_state()
+    np.random.seed(7)
+    py_state, torch_state, np_draw = random.getstate(), torch.get_rng_state(), np.random.get_state()[1].copy()
     ds[(0, 99)]
     ds[(2, 3)]
     assert random.getstate() == py_state
     assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], np_draw)

@@ -9,6 +9,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
 import datasets
+import loaders
 import main
 
 
@@ -302,3 +303,45 @@ def test_only_jpegs_are_left_undecoded_and_bad_ones_name_their_path(tmp_path):
         img.decode(2) if isinstance(img, UndecodedJPEG) else None
     assert datasets.loader_for(datasets.build_transform(True, args_for('--input-size', 64))) is open_image
     assert datasets.loader_for(datasets.build_transform(True, args_for('--input-size', 32))) is datasets.load_rgb
+
+
+# ---------------------------------------------------------------- uint8 batches finished on the device
+
+@pytest.mark.parametrize('size', [16, 64])
+def test_uint8_eval_pipeline_finished_on_the_device_equals_the_float_one(size):
+    args = args_for('--input-size', size)
+    img = image()
+    as_uint8 = datasets.build_transform(False, args, uint8=True)(img)
+    assert as_uint8.dtype == torch.uint8 and as_uint8.shape == (3, size, size)
+    finished = loaders.DeviceFinish('cpu')(as_uint8[None])[0]
+    assert torch.allclose(finished, datasets.build_transform(False, args)(img), atol=1e-5)
+
+
+@pytest.mark.parametrize('flags', [[], ['--input-size', 32], ['--ThreeAugment']])
+def test_uint8_train_pipeline_draws_what_the_float_one_draws(flags):
+    """Same seed, same crop / flip / RandAugment draws: the uint8 output, normalised, is the float pipeline's
+    output before its random erasing (off here), which moves to the device."""
+    args = args_for('--reprob', 0, *flags)
+    img = image()
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    as_uint8 = datasets.build_transform(True, args, uint8=True)(img)
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    as_float = datasets.build_transform(True, args)(img)
+    assert as_uint8.dtype == torch.uint8
+    assert 'RandomErasing' not in steps(datasets.build_transform(True, args_for(*flags), uint8=True))
+    assert torch.allclose(loaders.DeviceFinish('cpu')(as_uint8[None])[0], as_float, atol=1e-5)
+
+
+def test_device_finish_erases_as_deit_asks():
+    batch = torch.full((64, 3, 16, 16), 128, dtype=torch.uint8)
+    plain = loaders.DeviceFinish('cpu')(batch.clone())
+    assert torch.allclose(plain, plain[:1].expand_as(plain))  # one colour: nothing erased
+    erased = loaders.device_finish(args_for('--reprob', 1.0), 'cpu', is_train=True)(batch.clone())
+    assert (erased != plain).flatten(1).any(1).all()  # every image got its erased box of noise
+    evaluation = loaders.device_finish(args_for('--reprob', 1.0), 'cpu', is_train=False)(batch.clone())
+    assert torch.equal(evaluation, plain)
+    three_augment = loaders.device_finish(args_for('--reprob', 1.0, '--ThreeAugment'), 'cpu', is_train=True)
+    assert three_augment.erasing is None  # DeiT III's pipeline has no erasing
+    with pytest.raises(TypeError, match='uint8'):
+        plain_float = batch.float()
+        loaders.DeviceFinish('cpu')(plain_float)
