@@ -5,6 +5,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 
+import dali_loader
 import utils
 from images import BadImageError
 from samplers import EvalSampler, RASampler, SeededDataset, collate_skipping_none
@@ -37,8 +38,11 @@ def sampler_description(args):
 
 
 def build_train_loader(args, dataset_train, batch_size):
+    """Batches of args.input_size images; the pil backend takes the dataset's transform as it is."""
     sampler = RASampler(len(dataset_train), utils.get_world_size(), utils.get_rank(), shuffle=True,
                         num_repeats=3 if uses_repeated_aug(args) else 1, seed=args.seed)
+    if args.data_backend == 'dali':
+        return dali_loader.build_train_loader(args, dataset_train, sampler, batch_size)
     return DataLoader(SeededDataset(dataset_train, skipped_errors(args), refill=True), sampler=sampler,
                       batch_size=batch_size, drop_last=True, generator=torch.Generator().manual_seed(args.seed),
                       **loader_options(args))
@@ -46,9 +50,11 @@ def build_train_loader(args, dataset_train, batch_size):
 
 def build_val_loader(args, dataset_val):
     world, rank = (utils.get_world_size(), utils.get_rank()) if args.dist_eval else (1, 0)
-    return DataLoader(SeededDataset(dataset_val, skipped_errors(args)),
-                      sampler=EvalSampler(len(dataset_val), world, rank),
-                      batch_size=int(1.5 * args.batch_size), drop_last=False, **loader_options(args))
+    sampler, batch_size = EvalSampler(len(dataset_val), world, rank), int(1.5 * args.batch_size)
+    if args.data_backend == 'dali':
+        return dali_loader.build_val_loader(args, dataset_val, sampler, batch_size)
+    return DataLoader(SeededDataset(dataset_val, skipped_errors(args)), sampler=sampler, batch_size=batch_size,
+                      drop_last=False, **loader_options(args))
 
 
 class DeviceFinish:

@@ -9,6 +9,7 @@ import torch
 
 from timm.utils import ModelEmaV3
 
+import dali_loader
 import engine
 import evit_models
 import losses
@@ -85,6 +86,8 @@ def resolve_config(args):
     utils.init_distributed_mode(args)
     utils.seed_everything(args.seed + utils.get_rank())
     resolve_data_set(args)
+    if args.data_backend == 'dali':
+        dali_loader.check_flags(args)
     if args.no_warmup:
         args.warmup_epochs = 0
     optimization.scale_lr(args)
@@ -313,15 +316,16 @@ def train(args, plan, loops, writer, data, start, tb_writer):
 
 def enter_stage(args, dataset_train, dataset_val, stage, previous, loader_val):
     """Loaders for a (train size, batch, eval size) stage: the one stage of a plain run, or a multi-size step."""
-    dataset_train.transform = build_transform(True, at_size(args, stage.size), uint8=True)
+    train_args, eval_args = at_size(args, stage.size), at_size(args, stage.eval_size)
+    dataset_train.transform = build_transform(True, train_args, uint8=True)  # the pil backend's
     if hasattr(dataset_train, 'loader'):  # image files: JPEGs decoded only as far as their crop needs
         dataset_train.loader = loader_for(dataset_train.transform)
     if previous is None or stage.eval_size != previous.eval_size:
-        dataset_val.transform = build_transform(False, at_size(args, stage.eval_size), uint8=True)
-        loader_val = build_val_loader(args, dataset_val)
+        dataset_val.transform = build_transform(False, eval_args, uint8=True)
+        loader_val = build_val_loader(eval_args, dataset_val)
     if utils.is_main_process() and (stage.size, stage.batch) != (args.input_size, args.batch_size):
         print(f'| training at {stage.size} px, batch {stage.batch}; evaluating at {stage.eval_size} px', flush=True)
-    return build_train_loader(args, dataset_train, stage.batch), loader_val
+    return build_train_loader(train_args, dataset_train, stage.batch), loader_val
 
 
 def evaluate_and_save(args, loops, loader_val, writer, epoch, stopped):

@@ -1,0 +1,177 @@
+"""--data-backend dali: NVIDIA DALI decodes and augments the images of folder and list data sets, on the GPU (nvJPEG,
+the hardware JPEG decoder where the GPU has one) or, without one, in DALI's CPU mode.
+
+Batches come in the order of the pil backend's samplers (DeiT's repeated augmentation, sharded by rank, exact
+evaluation shards), as uint8 (B, 3, H, W) images that loaders.DeviceFinish normalises and erases; Mixup / CutMix
+follow in the train loop, as for the pil backend. The pipeline is built for each epoch from the sampler's order,
+so a multi-size stage, a new epoch or a mid-epoch resume each get a pipeline of their own. What DALI draws (crops,
+flips, RandAugment) follows DALI's RNG, seeded from the epoch's first sample seed: the images and their order are
+the pil backend's, their augmentations are not.
+"""
+import importlib
+import math
+import re
+
+import torch
+
+from utils import UserError
+
+DATA_SETS = ('IMNET', 'FOLDER', 'LIST', 'INAT18', 'INAT19')  # data sets whose samples are (image file, label)
+INTERPOLATIONS = {'bicubic': 'INTERP_CUBIC', 'bilinear': 'INTERP_LINEAR', 'nearest': 'INTERP_NN'}
+RAND_AUGMENT = re.compile(r'rand(-[a-z]+\d*(\.\d+)?)*$')
+
+
+def dali_wheel():
+    """The DALI wheel built for this torch's CUDA major version."""
+    return f'nvidia-dali-cuda{(torch.version.cuda or "12").split(".")[0]}0'
+
+
+def require_dali():
+    try:
+        importlib.import_module('nvidia.dali')
+    except ImportError as e:
+        raise UserError(f'--data-backend dali needs NVIDIA DALI, which is not installed; pip install {dali_wheel()} '
+                        '(the wheel for this torch\'s CUDA), or use --data-backend pil') from e
+
+
+def check_flags(args):
+    """A one-line error for what the DALI pipeline does not do, before anything is built."""
+    require_dali()
+    unsupported = [
+        (args.data_set not in DATA_SETS, f'--data-set {args.data_set} (DALI reads image files: '
+                                         f'{", ".join(DATA_SETS)})'),
+        (args.use_lmdb, '--use-lmdb (DALI has no reader for this LMDB layout)'),
+        (args.ThreeAugment, '--ThreeAugment (a pil-backend pipeline)'),
+        (args.skip_bad_images, '--skip-bad-images (DALI stops at an unreadable file; find them first with '
+                               'scripts/prepare_data.py)'),
+        (args.train_interpolation not in INTERPOLATIONS, f'--train-interpolation {args.train_interpolation} '
+                                                         f'(DALI: {", ".join(INTERPOLATIONS)})'),
+        (_aa(args) is not None and not RAND_AUGMENT.match(_aa(args)), f'--aa {args.aa} (DALI has RandAugment, '
+                                                                       'rand-mM-nN, only)'),
+    ]
+    for problem, what in unsupported:
+        if problem:
+            raise UserError(f'--data-backend dali does not support {what}; use --data-backend pil')
+
+
+def _aa(args):
+    return None if args.aa in (None, '', 'none') else args.aa
+
+
+def rand_augment_n_m(aa):
+    """(number of ops, magnitude out of 10) from timm's 'rand-m9-mstd0.5-inc1' (n defaults to 2, m to 10)."""
+    options = dict(re.findall(r'-([a-z]+)(\d+(?:\.\d+)?)', aa))
+    return int(options.get('n', 2)), float(options.get('m', 10))
+
+
+class DaliLoader:
+    """A DataLoader look-alike: len() batches of (uint8 images, int64 labels) in the order of `sampler`, through a
+    DALI pipeline built for each pass. `sampler.set_epoch` works as for the pil backend's loaders."""
+
+    def __init__(self, samples, sampler, batch_size, pipeline, drop_last, device, num_threads):
+        self.samples, self.sampler, self.batch_size, self.pipeline = samples, sampler, batch_size, pipeline
+        self.drop_last, self.device, self.num_threads = drop_last, torch.device(device), max(num_threads, 1)
+
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+        order = list(self.sampler)
+        if len(self) == 0:
+            return
+        indices = [item[0] if isinstance(item, tuple) else item for item in order]
+        seed = order[0][1] % 2 ** 31 if isinstance(order[0], tuple) else 0
+        on_gpu = self.device.type == 'cuda'
+        pipe = self.pipeline(files=[str(self.samples[i][0]) for i in indices],
+                             labels=[int(self.samples[i][1]) for i in indices], on_gpu=on_gpu,
+                             batch_size=self.batch_size, num_threads=self.num_threads, seed=seed,
+                             device_id=(self.device.index or torch.cuda.current_device()) if on_gpu else None)
+        pipe.build()
+        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+        for batch in DALIGenericIterator(pipe, ['images', 'labels'], reader_name='reader', last_batch_policy=policy):
+            yield batch[0]['images'], batch[0]['labels'].view(-1).long()
+
+
+def _reader(files, labels, pad):
+    from nvidia.dali import fn
+    return fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=pad, name='reader')
+
+
+def train_pipeline(args):
+    """A function (files, labels, on_gpu, pipeline options) -> DALI pipeline of DeiT's training transform at
+    args.input_size: random-resized crop (a padded random crop at 32 px and below, as in DeiT), flip, RandAugment
+    with DeiT's n and m (or colour jitter without it), HWC -> CHW."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import rand_augment
+    size, aa = args.input_size, _aa(args)
+    interp = getattr(types, INTERPOLATIONS[args.train_interpolation])
+
+    @pipeline_def(enable_conditionals=True)
+    def pipeline(files, labels, on_gpu):
+        jpegs, targets = _reader(files, labels, pad=False)
+        decoder, op = ('mixed', 'gpu') if on_gpu else ('cpu', 'cpu')
+        if size > 32:
+            images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
+                                                   random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3),
+                                                   num_attempts=10)
+            images = fn.resize(images, device=op, size=(size, size), interp_type=interp, antialias=True)
+        else:
+            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+            images = fn.resize(images, device=op, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True)
+            pad = max(size // 8, 1)
+            start = fn.random.uniform(range=(-pad, pad + 1), shape=(2,), dtype=types.INT32)
+            images = fn.slice(images, start=start, shape=(size, size), axis_names='HW', out_of_bounds_policy='pad',
+                              fill_values=0)
+        images = fn.flip(images, device=op, horizontal=fn.random.coin_flip(probability=args.hflip))
+        if aa is not None:
+            n, m = rand_augment_n_m(aa)
+            # 11 bins make bin m exactly timm's magnitude m / 10 of each op's range
+            images = rand_augment.rand_augment(images, n=n, m=int(round(m)), num_magnitude_bins=11,
+                                               shape=(size, size), max_translate_rel=0.45, fill_value=128)
+        elif args.color_jitter:
+            jitter = (max(0.0, 1 - args.color_jitter), 1 + args.color_jitter)
+            images = fn.color_twist(images, device=op, brightness=fn.random.uniform(range=jitter),
+                                    contrast=fn.random.uniform(range=jitter),
+                                    saturation=fn.random.uniform(range=jitter))
+        images = fn.transpose(images, device=op, perm=[2, 0, 1])
+        return images, targets.gpu() if on_gpu else targets
+
+    return pipeline
+
+
+def eval_pipeline(args):
+    """DeiT's evaluation transform: bicubic resize of the short side to size / --eval-crop-ratio and a center crop
+    (a resize to size x size at 32 px and below), HWC -> CHW."""
+    from nvidia.dali import fn, pipeline_def, types
+    size = args.input_size
+
+    @pipeline_def
+    def pipeline(files, labels, on_gpu):
+        jpegs, targets = _reader(files, labels, pad=True)
+        decoder, op = ('mixed', 'gpu') if on_gpu else ('cpu', 'cpu')
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+        if size > 32:
+            images = fn.resize(images, device=op, resize_shorter=int(size / args.eval_crop_ratio),
+                               interp_type=types.INTERP_CUBIC, antialias=True)
+            images = fn.crop(images, device=op, crop=(size, size))
+        else:
+            images = fn.resize(images, device=op, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.transpose(images, device=op, perm=[2, 0, 1])
+        return images, targets.gpu() if on_gpu else targets
+
+    return pipeline
+
+
+def build_train_loader(args, dataset, sampler, batch_size):
+    check_flags(args)
+    return DaliLoader(dataset.samples, sampler, batch_size, train_pipeline(args), drop_last=True, device=args.device,
+                      num_threads=args.num_workers)
+
+
+def build_val_loader(args, dataset, sampler, batch_size):
+    check_flags(args)
+    return DaliLoader(dataset.samples, sampler, batch_size, eval_pipeline(args), drop_last=False,
+                      device=args.device, num_threads=args.num_workers)

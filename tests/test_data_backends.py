@@ -1,0 +1,173 @@
+"""--data-backend pil / dali: the batches each one gives, the same samplers behind both, DALI's CPU mode end to end."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import read_log, run_main, write_image_folder
+
+import dali_loader
+import datasets
+import loaders
+import main
+
+CLASSES = ('cat', 'dog', 'fish')
+
+
+def parse(*flags):
+    args = main.get_args_parser().parse_args([str(f) for f in flags])
+    datasets.resolve_data_set(args)
+    args.launcher, args.device = 'single', 'cpu'
+    return args
+
+
+def photo_folder(root, per_class=(6, 3), size=(80, 60)):
+    """JPEG photos of smooth colour gradients, one hue per class."""
+    rng = np.random.default_rng(0)
+    for split, count in zip(('train', 'val'), per_class):
+        for c, name in enumerate(CLASSES):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(count):
+                y, x = np.mgrid[0:size[1], 0:size[0]]
+                pixels = np.stack([(x * 3 + 40 * c) % 256, (y * 4 + i * 10) % 256, (x + y) % 256], -1)
+                pixels = np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(root, split, name, f'{i}.jpg'), quality=95)
+    return root
+
+
+@pytest.fixture(scope='module')
+def photos(tmp_path_factory):
+    return photo_folder(str(tmp_path_factory.mktemp('photos')))
+
+
+def loaders_for(backend, root, size=48, *flags):
+    args = parse('--data-path', root, '--data-backend', backend, '--input-size', size, '--batch-size', 4,
+                 '--num-workers', 0, *flags)
+    train, _ = datasets.build_dataset(True, args, uint8=True)
+    val, _ = datasets.build_dataset(False, args, uint8=True)
+    return args, train, val, loaders.build_train_loader(args, train, 4), loaders.build_val_loader(args, val)
+
+
+@pytest.mark.parametrize('backend', ['pil', 'dali'])
+@pytest.mark.parametrize('size', [24, 48])
+def test_batches_have_the_right_shape_dtype_range_and_labels(backend, size, photos):
+    args, train, val, train_loader, val_loader = loaders_for(backend, photos, size)
+    train_loader.sampler.set_epoch(1)
+    order = [index for index, _ in train_loader.sampler]
+    batches = list(train_loader)
+    assert len(batches) == len(train_loader) == len(train) // 4
+    for b, (images, labels) in enumerate(batches):
+        assert images.dtype == torch.uint8 and images.shape == (4, 3, size, size)
+        assert labels.dtype == torch.int64
+        expected = [train.samples[i][1] for i in order[4 * b:4 * b + 4]]
+        assert labels.tolist() == expected  # the sampler's order, in both backends
+    assert torch.cat([img for img, _ in batches]).float().std() > 10  # real pixels, not a constant fill
+    seen = torch.cat([labels for _, labels in val_loader])
+    assert seen.tolist() == [label for _, label in val.samples]  # every image once, in order
+    finished = loaders.DeviceFinish('cpu')(batches[0][0])  # ImageNet-normalised: 0 -> -2.118, 255 -> 2.640
+    assert finished.dtype == torch.float32 and -2.12 < finished.min() < finished.max() < 2.65
+
+
+def test_dali_resumes_mid_epoch_on_the_remaining_samples(photos):
+    _, train, _, loader, _ = loaders_for('dali', photos)
+    loader.sampler.set_epoch(2)
+    full = torch.cat([labels for _, labels in loader])
+    loader.sampler.set_epoch(2, start=8)
+    assert len(loader) == len(full) // 4 - 2
+    assert torch.cat([labels for _, labels in loader]).tolist() == full[8:].tolist()
+
+
+def test_dali_shards_evaluation_by_rank_like_the_pil_backend(photos):
+    args = parse('--data-path', photos, '--data-backend', 'dali', '--input-size', 48, '--dist-eval', '--num-workers', 0)
+    val, _ = datasets.build_dataset(False, args, uint8=True)
+    seen = []
+    for rank in range(2):
+        sampler = loaders.EvalSampler(len(val), 2, rank)
+        loader = dali_loader.build_val_loader(args, val, sampler, 2)
+        seen += torch.cat([labels for _, labels in loader]).tolist()
+    assert sorted(seen) == sorted(label for _, label in val.samples)
+
+
+def test_evaluation_images_agree_between_backends(photos):
+    """Resize + center crop: the same pixels up to the two libraries' bicubic resampling."""
+    _, _, _, _, pil = loaders_for('pil', photos, 48)
+    _, _, _, _, dali = loaders_for('dali', photos, 48)
+    a = torch.cat([images for images, _ in pil]).float()
+    b = torch.cat([images for images, _ in dali]).float()
+    assert a.shape == b.shape
+    assert (a - b).abs().mean() < 4, (a - b).abs().mean()
+
+
+@pytest.mark.parametrize('size', [24, 64])
+def test_training_statistics_agree_between_backends(size, photos):
+    """Crop, flip and RandAugment drawn by each library: the normalised batches' mean and spread agree."""
+    stats = {}
+    for backend in ('pil', 'dali'):
+        args, _, _, loader, _ = loaders_for(backend, photos, size, '--reprob', 0)
+        finish = loaders.device_finish(args, 'cpu', is_train=True)
+        images = torch.cat([finish(img) for epoch in range(6) for img, _ in epoch_batches(loader, epoch)])
+        stats[backend] = (images.mean().item(), images.std().item())
+    (mean_pil, std_pil), (mean_dali, std_dali) = stats['pil'], stats['dali']
+    assert abs(mean_pil - mean_dali) < 0.15 and abs(std_pil - std_dali) / std_pil < 0.15, stats
+
+
+def epoch_batches(loader, epoch):
+    loader.sampler.set_epoch(epoch)
+    return list(loader)
+
+
+def test_dali_rand_augment_follows_deits_n_and_m():
+    assert dali_loader.rand_augment_n_m('rand-m9-mstd0.5-inc1') == (2, 9.0)
+    assert dali_loader.rand_augment_n_m('rand-n3-m7') == (3, 7.0)
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--ThreeAugment'], '--ThreeAugment'),
+    (['--skip-bad-images'], '--skip-bad-images'),
+    (['--aa', 'v0'], '--aa v0'),
+    (['--data-set', 'DIGITS'], '--data-set DIGITS'),
+    (['--train-interpolation', 'random'], '--train-interpolation random'),
+])
+def test_dali_refuses_what_it_cannot_do_in_one_line(flags, named, photos):
+    result = run_main(['--data-path', photos, '--data-backend', 'dali', '--device', 'cpu', *flags])
+    assert result.returncode != 0
+    assert f'--data-backend dali does not support {named}' in result.stderr
+    assert 'use --data-backend pil' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_without_dali_installed_the_error_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'nvidia.dali', None)
+    with pytest.raises(main.UserError, match=r'pip install nvidia-dali-cuda\d+0'):
+        dali_loader.check_flags(parse('--data-backend', 'dali', '--data-path', '.'))
+
+
+def test_dali_wheel_matches_torchs_cuda():
+    if torch.version.cuda:
+        assert dali_loader.dali_wheel() == f'nvidia-dali-cuda{torch.version.cuda.split(".")[0]}0'
+
+
+@pytest.mark.parametrize('backend', ['pil', 'dali'])
+def test_both_backends_train_the_quick_start_model_on_a_folder(backend, tmp_path):
+    root = write_image_folder(str(tmp_path / 'data'), size=24)
+    out = tmp_path / 'out'
+    result = run_main(['-c', 'configs/digits_dhvt.yaml', '--data-set', 'FOLDER', '--data-path', root,
+                       '--data-backend', backend, '--epochs', 2, '--batch-size', 8, '--num-workers', 1,
+                       '--output_dir', out])
+    assert result.returncode == 0, result.stderr
+    _, epochs = read_log(out)
+    assert [e['epoch'] for e in epochs] == [0, 1]
+    assert all(e['train_size'] == 16 and np.isfinite(e['train_loss']) for e in epochs)
+    assert os.path.isfile(out / 'checkpoint.pth')
+
+
+def test_dali_multi_size_training_rebuilds_the_pipeline_at_each_size(photos, tmp_path):
+    out = tmp_path / 'out'
+    result = run_main(['--model', 'deit_micro_patch2_16', '--data-path', photos, '--data-backend', 'dali',
+                       '--input-size', 16, '--size-schedule', '0:8,1:16', '--epochs', 2, '--batch-size', 4,
+                       '--num-workers', 1, '--device', 'cpu', '--no-model-ema', '--output_dir', out])
+    assert result.returncode == 0, result.stderr
+    _, epochs = read_log(out)
+    assert [e['train_size'] for e in epochs] == [8, 16]
