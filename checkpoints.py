@@ -83,39 +83,53 @@ def class_names_difference(saved, current):
     return 'other class names: ' + ', '.join(f'{a!r} there, {b!r} here' for a, b in pairs)
 
 
-def load_weights(model, path, role, key='model', finetune=False, fix='pass a checkpoint of this model', ckpt=None):
+def load_weights(model, path, role, key='model', finetune=False, fix='pass a checkpoint of this model', ckpt=None,
+                 report=utils.log):
     """Load the weights in `path` into `model`, the one reader behind --resume, --finetune, --teacher-path, the hub's
     checkpoint_path and predict: our checkpoints and DeiT's, plain state dicts, .safetensors files and URLs, all read
-    with weights_only, in our layout or in a family's published one (model_parts.read_layout), which one logged.
+    with weights_only, in our layout or in a family's published one (model_parts.read_layout; `report` gets one line
+    naming a published layout it read).
     With `finetune`, a classifier of another class count stays newly initialised and the position embedding is
     resized to the model's grid. One fit check, one message: `role PATH does not fit MODEL: the first tensor that
     does not fit; fix`. `ckpt`: the file's contents when the caller has read them already. Returns (the checkpoint
     dict, the names left newly initialised)."""
     ckpt = utils.load_checkpoint(path) if ckpt is None else ckpt
-    layout, state = model_parts.read_layout(dict(utils.model_weights(ckpt, path, key)), model.state_dict())
+    saved = dict(utils.model_weights(ckpt, path, key))
+    layout, state = model_parts.read_layout(saved, model.state_dict())
     if finetune:
         state = adapt_for_finetune(model, state)
-    problem = fit_problem(model.state_dict(), state, allow_missing=finetune)
+    problem = fit_problem(model.state_dict(), state, allow_missing=finetune, file_names=renames(saved, state))
     name = getattr(model, 'default_cfg', {}).get('architecture') or type(model).__name__
     if problem:
         read_as = '' if layout == model_parts.OWN_LAYOUT else f'read as the {layout} layout, '
         raise UserError(f'{role} {path} does not fit {name}: {read_as}{problem}; {fix}')
     result = model.load_state_dict(state, strict=not finetune)
-    utils.log(f'| {role} {path}: {layout} layout, loaded into {name}')
+    if layout != model_parts.OWN_LAYOUT:
+        report(f'| {role} {path}: read as the {layout} layout, mapped onto {name}')
     return ckpt, result.missing_keys
 
 
-def fit_problem(own, state, allow_missing=False):
-    """The first reason `state` does not load into a model whose state dict is `own`, or ''."""
+def fit_problem(own, state, allow_missing=False, file_names=None):
+    """The first reason `state` does not load into a model whose state dict is `own`, or ''. file_names: the name in
+    the file of each tensor the layout renamed, told beside ours."""
+    def named(key):
+        return f'{key} ({file_names[key]} in the file)' if key in (file_names or {}) else key
     for key, value in state.items():
         if key not in own:
-            return f'it holds {key}, which the model lacks'
+            return f'it holds {named(key)}, which the model lacks'
         if tuple(value.shape) != tuple(own[key].shape):
-            return f'{key} is {tuple(value.shape)} there and {tuple(own[key].shape)} here'
+            return f'{named(key)} is {tuple(value.shape)} there and {tuple(own[key].shape)} here'
     missing = [key for key in own if key not in state]
     if missing and not allow_missing:
         return f'it lacks {missing[0]}' + (f' and {len(missing) - 1} more' if len(missing) > 1 else '')
     return ''
+
+
+def renames(saved, state):
+    """Our name -> the file's, for each tensor of `saved` that `state` holds under another name."""
+    file_name = {id(value): key for key, value in saved.items()}
+    return {key: file_name[id(value)] for key, value in state.items()
+            if id(value) in file_name and file_name[id(value)] != key}
 
 
 def adapt_for_finetune(model, state):

@@ -122,8 +122,9 @@ def create_pretrained(args, options):
     except RuntimeError as e:
         if 'state_dict' not in str(e):
             raise
-        raise UserError(f'--pretrained: the published {args.model} weights do not fit the model built with '
-                        f'{flag_names(options) or "these flags"}; drop those flags or train without --pretrained') from e
+        flags = flag_names(options) or 'these flags'
+        raise UserError(f'--pretrained: the published {args.model} weights do not fit the model built with {flags}; '
+                        'drop those flags or train without --pretrained') from e
 
 
 def build_model(args):

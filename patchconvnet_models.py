@@ -93,7 +93,8 @@ class ClassAttention(nn.Module):
         return x.reshape(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, h, N, C / h)
 
     def forward(self, queries, context):
-        q, k, v = self.split_heads(self.q(queries)), self.split_heads(self.k(context)), self.split_heads(self.v(context))
+        q = self.split_heads(self.q(queries))
+        k, v = self.split_heads(self.k(context)), self.split_heads(self.v(context))
         attn = self.attn_drop((q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1))  # (B, h, Q, N)
         out = (attn @ v).transpose(1, 2).flatten(2)                                     # (B, Q, C)
         return self.proj_drop(self.proj(out)), attn
@@ -116,7 +117,8 @@ class AggregationBlock(nn.Module):
         self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
 
     def forward(self, cls, patches):
-        """cls (B or 1, Q, C), patches (B, N, C) -> updated cls (B, Q, C) and its attention over the context (B, h, Q, Q + N or N)."""
+        """cls (B or 1, Q, C), patches (B, N, C) -> updated cls (B, Q, C) and its attention over the context
+        (B, h, Q, Q + N or N)."""
         tokens = patches if self.multi_class else torch.cat([cls.expand(patches.shape[0], -1, -1), patches], dim=1)
         tokens = self.norm1(tokens)
         queries = self.norm1(cls) if self.multi_class else tokens[:, :cls.shape[1]]
@@ -314,8 +316,9 @@ def _cfg(size, file=None, top1=None):
     cfg = pretrained_cfg(size.img, size.classes, first_conv='patch_embed.proj.0')
     if file is None:
         return cfg
-    return dict(cfg, url=WEIGHTS_URL + file, license='apache-2.0', origin_url='https://github.com/facebookresearch/deit',
-                paper_ids='arXiv:2112.13692', notes=(f'top-1 {top1} on ImageNet-1k val as reported by the authors',))
+    return dict(cfg, url=WEIGHTS_URL + file, license='apache-2.0',
+                origin_url='https://github.com/facebookresearch/deit', paper_ids='arXiv:2112.13692',
+                notes=(f'top-1 {top1} on ImageNet-1k val as reported by the authors',))
 
 
 _PUBLISHED_ARCHS = {name.split('.')[0] for name in PUBLISHED_WEIGHTS}

@@ -86,6 +86,7 @@ def _from_checkpoint(path, model_name, ema):
     model = model_factory.build_model(args)
     try:
         checkpoints.load_weights(model, path, '--checkpoint', key='model_ema' if ema else 'model', ckpt=ckpt,
+                                 report=lambda line: print(line, file=sys.stderr),  # stdout holds the predictions
                                  fix=f'pass the --model it was trained as ({args.model} at {args.input_size} px here), '
                                      'or the main.py checkpoint, which records its input size')
     except utils.UserError as e:
