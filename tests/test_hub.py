@@ -114,6 +114,34 @@ def test_pretrained_offline_says_to_pass_a_local_file(monkeypatch):
     assert '\n' not in str(info.value)
 
 
+OUR_MODULES = ['models', 'localvit_models', 'dhvt_models', 'evit_models', 'patchconvnet_models']
+
+
+def test_every_published_cfg_has_a_class_count_and_preprocessing():
+    published = [name for name in timm.list_models(module=OUR_MODULES, pretrained=True)
+                 if timm.models.get_pretrained_cfg(name).url]
+    assert {'localvit_tiny_patch16_224.in1k', 'localvit_small_patch16_224.in1k', 'S60.fb_in1k', 'B120.fb_in1k',
+            'S60_multi.fb_scratch_in1k'} <= set(published)
+    for name in published:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.url.startswith(('https://github.com/', 'https://dl.fbaipublicfiles.com/')), name
+        assert cfg.num_classes == 1000 and len(cfg.mean) == len(cfg.std) == 3, name
+        assert 0 < cfg.crop_pct <= 1 and cfg.interpolation == 'bicubic', name
+
+
+@pytest.mark.parametrize('name, url', [
+    ('localvit_small_patch16_224', 'https://github.com/ofsoundof/LocalViT/releases/download/v1.0.0/localvit_s.pth'),
+    ('S60', 'https://dl.fbaipublicfiles.com/deit/s60_224_1k.pth')])
+def test_pretrained_offline_names_the_url_and_checkpoint_path(name, url, monkeypatch):
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError('Name or service not known')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    with pytest.raises(RuntimeError, match=f'could not fetch the {name} weights from {re.escape(url)} .*'
+                                           "checkpoint_path=") as info:
+        getattr(hubconf, name)(pretrained=True)
+    assert '\n' not in str(info.value)
+
+
 # ---------------------------------------------------------------- recipes
 
 def is_recipe(path):
