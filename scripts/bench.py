@@ -12,13 +12,15 @@ Both loops train the same architecture on the same synthetic batches, in the sam
          schedule stepped every update, GradScaler only for fp16, the autocast dtype, DeiT's criterion),
          so every per-step cost of the real loop is in the figure;
   plain  timm.create_model + torch.optim.AdamW + CrossEntropyLoss under the same autocast dtype and compile
-         choice (--baseline fp32: eager fp32 instead, to price what bf16 + compile buy).
+         choice (--baseline fp32: eager fp32 instead, to price what bf16 + compile buy); the uint8 batches
+         normalised on the device as timm's prefetcher does.
 
 Each figure is the median of --repeats timed runs of --steps updates after --warmup untimed ones.
 FLOPs per image are FlopCounterMode's count of one forward + backward (math attention, so its matmuls count);
 MFU divides the achieved FLOP/s by a peak MEASURED here: the best of a few large square matmuls in the
 benchmark's dtype. Peak memory is torch.cuda.max_memory_allocated on CUDA, the process peak RSS on the CPU.
---data-folder times the DataLoader alone (DeiT train transform) for each --workers count.
+--data-folder times the loader alone (DeiT train transform) for each --data-backend and --workers count, and
+its feed ratio: loader img/s / our step's img/s (above 1, the loader keeps up with the model).
 The last line printed is one JSON object with every figure.
 """
 import argparse
@@ -41,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
 import engine  # noqa: E402
+import loaders  # noqa: E402
 import main as train_main  # noqa: E402
 import losses  # noqa: E402
 import optimization  # noqa: E402
@@ -97,11 +100,13 @@ class PlainLoop:
         self.criterion = torch.nn.CrossEntropyLoss()
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.train_model = torch.compile(self.model) if compile_model else self.model
+        self.mean = torch.tensor(datasets.IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(datasets.IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1) * 255
 
     def run(self, batches):
         self.train_model.train()
         for images, targets in batches:
-            images = images.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
             targets = targets.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 loss = self.criterion(self.train_model(images), targets)
@@ -112,11 +117,12 @@ class PlainLoop:
 
 
 def synthetic_batches(steps, batch_size, input_size, num_classes, device):
-    """`steps` (images, labels) CPU batches, as a DataLoader would hand them over (pinned for CUDA)."""
+    """`steps` (uint8 images, labels) CPU batches, as main.py's DataLoader hands them over (pinned for CUDA)."""
     generator = torch.Generator().manual_seed(0)
     pool = []
     for _ in range(min(steps, DISTINCT_BATCHES)):
-        images = torch.randn(batch_size, 3, input_size, input_size, generator=generator)
+        images = torch.randint(0, 256, (batch_size, 3, input_size, input_size), generator=generator,
+                               dtype=torch.uint8)
         labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
         if device.type == 'cuda':
             images, labels = images.pin_memory(), labels.pin_memory()
@@ -190,8 +196,8 @@ def reset_peak_memory(device):
 class ImageFiles(Dataset):
     """(transformed image, 0) for each path: a DataLoader's load with no label lookup."""
 
-    def __init__(self, paths, transform):
-        self.paths, self.transform, self.loader = paths, transform, datasets.load_rgb
+    def __init__(self, paths, transform, loader):
+        self.paths, self.transform, self.loader = paths, transform, loader
 
     def __len__(self):
         return len(self.paths)
@@ -205,11 +211,24 @@ def image_files(folder):
                   if name.lower().endswith(datasets.IMG_EXTENSIONS))
 
 
-def loader_images_per_sec(paths, transform, batch_size, workers, full_decode=False):
-    """Images/s of one pass over the files, clock started at the first batch (worker start-up left out)."""
-    files = ImageFiles(paths, transform)
-    files.loader = datasets.load_rgb if full_decode else datasets.loader_for(transform)
-    loader = DataLoader(files, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+def make_pil_loader(paths, config, batch_size, workers, baseline):
+    """main.py's pil loader: uint8 images, JPEGs decoded only as far as the crop needs. `baseline`: the loader as it
+    was before both, every JPEG decoded in full, normalised and erased in the worker."""
+    transform = datasets.build_transform(True, config, uint8=not baseline)
+    files = ImageFiles(paths, transform, datasets.load_rgb if baseline else datasets.loader_for(transform))
+    return DataLoader(files, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+
+
+def make_dali_loader(paths, config, batch_size, workers):
+    """main.py's dali loader (GPU decoding on cuda, DALI's CPU mode on the CPU) with `workers` DALI threads."""
+    config = argparse.Namespace(**dict(vars(config), num_workers=workers))
+    files = [(path, 0) for path in paths]
+    return loaders.dali_loader.build_train_loader(config, argparse.Namespace(samples=files),
+                                                  torch.randperm(len(files)).tolist(), batch_size)
+
+
+def loader_images_per_sec(loader):
+    """Images/s of one pass, clock started at the first batch (worker start-up, pipeline build left out)."""
     start, images = None, 0
     for batch, _ in loader:
         if start is None:
@@ -220,13 +239,18 @@ def loader_images_per_sec(paths, transform, batch_size, workers, full_decode=Fal
 
 
 def loader_speeds(args, config):
+    """{backend: {workers: img/s}}."""
     paths = image_files(args.data_folder)
     if len(paths) < 2 * args.batch_size:
         raise ValueError(f'--data-folder {args.data_folder} holds {len(paths)} images, fewer than two batches of '
                          f'{args.batch_size}; add images or lower --batch-size')
-    transform = datasets.build_transform(True, config)
-    return {str(w): loader_images_per_sec(paths, transform, args.batch_size, w, args.full_decode)
-            for w in args.workers}
+    config.data_set = 'FOLDER'
+    speeds = {}
+    for backend in args.data_backend:
+        make = (lambda w: make_dali_loader(paths, config, args.batch_size, w)) if backend == 'dali' else \
+            (lambda w: make_pil_loader(paths, config, args.batch_size, w, args.baseline_loader))
+        speeds[backend] = {str(w): loader_images_per_sec(make(w)) for w in args.workers}
+    return speeds
 
 
 # ---------------------------------------------------------------- the report
@@ -293,6 +317,9 @@ def benchmark(args):
     }
     if args.data_folder:
         result['loader_img_s'] = loader_speeds(args, training_config(args))
+        result['feed_ratio'] = {backend: {w: speed / ours for w, speed in speeds.items()}
+                                for backend, speeds in result['loader_img_s'].items()}
+        result['baseline_loader'] = args.baseline_loader
     return result
 
 
@@ -322,9 +349,10 @@ def report(r):
                      '(max_memory_allocated)')
     else:
         lines.append(f'| peak memory: {r["peak_memory_mb"]:.0f} MB (process peak RSS)')
-    if 'loader_img_s' in r:
-        speeds = ', '.join(f'{w} workers {s:.1f}' for w, s in r['loader_img_s'].items())
-        lines.append(f'| DataLoader alone (DeiT train transform), img/s: {speeds}')
+    for backend, speeds in r.get('loader_img_s', {}).items():
+        figures = ', '.join(f'{w} workers {s:.1f} (feed ratio {r["feed_ratio"][backend][w]:.2f})'
+                            for w, s in speeds.items())
+        lines.append(f'| {backend} loader alone (DeiT train transform), img/s: {figures}')
     return '\n'.join(lines)
 
 
@@ -336,6 +364,13 @@ def parse_workers(text):
     if any(w < 0 for w in workers):
         raise argparse.ArgumentTypeError(f'worker counts must be 0 or more, got {text}')
     return workers
+
+
+def parse_backends(text):
+    backends = text.split(',')
+    if not backends or any(b not in ('pil', 'dali') for b in backends):
+        raise argparse.ArgumentTypeError(f'{text!r}: pass pil, dali or pil,dali')
+    return backends
 
 
 def parse_args(argv):
@@ -358,9 +393,13 @@ def parse_args(argv):
     p.add_argument('--matmul-size', type=int, default=None, help='side of the peak-FLOP/s matmul '
                    '(default 8192 on CUDA, 2048 on CPU)')
     p.add_argument('--data-folder', default=None, help='folder of images (any depth) to time the DataLoader on')
-    p.add_argument('--full-decode', action='store_true',
-                   help='decode every JPEG in full, as before the reduced-size decode (for comparison)')
-    p.add_argument('--workers', type=parse_workers, default=[0, 2, 4], help='DataLoader worker counts, e.g. 0,1,2')
+    p.add_argument('--data-backend', type=parse_backends, default=['pil'],
+                   help='loaders to time: pil, dali or pil,dali (main.py\'s --data-backend)')
+    p.add_argument('--baseline-loader', action='store_true',
+                   help='pil: time the loader as it was, every JPEG decoded in full, normalised and erased in the '
+                        'workers (for comparison)')
+    p.add_argument('--workers', type=parse_workers, default=[0, 2, 4],
+                   help='DataLoader workers (pil) or DALI threads (dali), e.g. 0,1,2')
     args = p.parse_args(argv)
     if not timm.is_model(args.model):
         p.error(f'unknown model {args.model!r}; see timm.list_models() or the project\'s model files')

@@ -33,7 +33,7 @@ def forward_flops_micro_16():
 
 def test_last_line_is_json_with_every_figure(tmp_path):
     folder = write_image_folder(str(tmp_path / 'images'))
-    result = run_bench('--data-folder', folder, '--workers', '0,1')
+    result = run_bench('--data-folder', folder, '--workers', '0,1', '--data-backend', 'pil,dali')
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert not any(line.startswith('Epoch:') for line in lines)  # the engine's progress lines stay quiet
@@ -46,7 +46,11 @@ def test_last_line_is_json_with_every_figure(tmp_path):
     assert len(figures['ours_runs']) == len(figures['plain_runs']) == 2
     assert figures['peak_flops'] > 0 and figures['peak_memory_mb'] > 0
     assert figures['mfu'] == pytest.approx(figures['flops_per_image'] * figures['ours_img_s'] / figures['peak_flops'])
-    assert set(figures['loader_img_s']) == {'0', '1'} and min(figures['loader_img_s'].values()) > 0
+    for backend in ('pil', 'dali'):
+        speeds = figures['loader_img_s'][backend]
+        assert set(speeds) == {'0', '1'} and min(speeds.values()) > 0
+        for workers, speed in speeds.items():
+            assert figures['feed_ratio'][backend][workers] == pytest.approx(speed / figures['ours_img_s'])
 
 
 def test_training_flops_are_about_three_forwards():
