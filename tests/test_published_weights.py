@@ -2,19 +2,22 @@
 for a small configuration and written out here, load strictly into our model through checkpoints.load_weights and
 compute what our model computes from the same numbers under our own names. Nothing downloads."""
 import argparse
+import os
 import re
+import sys
 import urllib.error
 
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import checkpoints
 import localvit_models
 import main
 import model_factory
 import models  # noqa: F401 - registers our families
-from conftest import TINY, run_main
+from conftest import ROOT, TINY, run_main
 from utils import UserError
 
 @pytest.fixture(autouse=True)
@@ -436,6 +439,20 @@ def test_an_official_file_fine_tunes_onto_another_class_count(tmp_path):
     model = timm.create_model('localvit_micro_patch2_16', num_classes=3)
     _, initialised = checkpoints.load_weights(model, str(tmp_path / 'localvit.pth'), '--finetune', finetune=True)
     assert initialised == ['head.weight', 'head.bias']
+
+
+def test_predict_reads_an_official_file_under_our_model_name(tmp_path, capsys):
+    """The file's own args name the authors' model (LocalViT's localvit_tiny_mlp4_act3_r192): --model names ours."""
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import predict
+    path, image = tmp_path / 'localvit_t.pth', tmp_path / 'red.png'
+    their_args = argparse.Namespace(model='localvit_tiny_mlp4_act3_r192')
+    torch.save({'model': random_state(localvit_rows()), 'args': their_args}, path)
+    Image.new('RGB', (20, 20), (200, 30, 30)).save(image)
+    predict.main(['--checkpoint', str(path), '--model', 'localvit_micro_patch2_16', str(image), '--topk', '1'])
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == str(image)
+    assert 'read as the LocalViT (ofsoundof/LocalViT) layout' in err
 
 
 # ---------------------------------------------------------------- main.py --pretrained
