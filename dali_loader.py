@@ -64,6 +64,23 @@ def rand_augment_n_m(aa):
     return int(options.get('n', 2)), float(options.get('m', 10))
 
 
+def timm_rand_augment_ops():
+    """timm's RandAugment ('inc1' ops, magnitude ranges of timm) in DALI's terms. timm applies each op it picks
+    with probability 0.5, and DALI applies every op it picks: beside each op an identity, so that a pick is an
+    identity half of the time."""
+    from nvidia.dali.auto_aug import augmentations as a
+    ops = [a.auto_contrast, a.equalize, a.invert, a.rotate.augmentation((0, 30), True),
+           a.posterize.augmentation((4, 0), False, a.poster_mask_uint8),  # 4 bits kept down to 0 (DALI keeps 1)
+           a.solarize.augmentation((256, 0)), a.solarize_add.augmentation((0, 110)),
+           a.color.augmentation((0, 0.9), True, a.shift_enhance_range),
+           a.contrast.augmentation((0, 0.9), True, a.shift_enhance_range),
+           a.brightness.augmentation((0, 0.9), True, a.shift_enhance_range),
+           a.sharpness.augmentation((0, 0.9), True, a.sharpness_kernel),
+           a.shear_x.augmentation((0, 0.3), True), a.shear_y.augmentation((0, 0.3), True),
+           a.translate_x.augmentation((0, 0.45), True), a.translate_y.augmentation((0, 0.45), True)]
+    return ops + [a.identity] * len(ops)
+
+
 class DaliLoader:
     """A DataLoader look-alike: len() batches of (uint8 images, int64 labels) in the order of `sampler`, through a
     DALI pipeline built for each pass. `sampler.set_epoch` works as for the pil backend's loaders."""
@@ -129,8 +146,8 @@ def train_pipeline(args):
         if aa is not None:
             n, m = rand_augment_n_m(aa)
             # 11 bins make bin m exactly timm's magnitude m / 10 of each op's range
-            images = rand_augment.rand_augment(images, n=n, m=int(round(m)), num_magnitude_bins=11,
-                                               shape=(size, size), max_translate_rel=0.45, fill_value=128)
+            images = rand_augment.apply_rand_augment(timm_rand_augment_ops(), images, n=n, m=int(round(m)),
+                                                     num_magnitude_bins=11, shape=(size, size), fill_value=128)
         elif args.color_jitter:
             jitter = (max(0.0, 1 - args.color_jitter), 1 + args.color_jitter)
             images = fn.color_twist(images, device=op, brightness=fn.random.uniform(range=jitter),

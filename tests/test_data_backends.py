@@ -119,6 +119,25 @@ def epoch_batches(loader, epoch):
     return list(loader)
 
 
+# timm's RandAugment ops ('inc1') and the DALI op that does each, with timm's magnitude range at m = 10
+TIMM_TO_DALI = {'AutoContrast': ('auto_contrast', None), 'Equalize': ('equalize', None), 'Invert': ('invert', None),
+                'Rotate': ('rotate', (0, 30)), 'PosterizeIncreasing': ('posterize', (4, 0)),
+                'SolarizeIncreasing': ('solarize', (256, 0)), 'SolarizeAdd': ('solarize_add', (0, 110)),
+                'ColorIncreasing': ('color', (0, 0.9)), 'ContrastIncreasing': ('contrast', (0, 0.9)),
+                'BrightnessIncreasing': ('brightness', (0, 0.9)), 'SharpnessIncreasing': ('sharpness', (0, 0.9)),
+                'ShearX': ('shear_x', (0, 0.3)), 'ShearY': ('shear_y', (0, 0.3)),
+                'TranslateXRel': ('translate_x', (0, 0.45)), 'TranslateYRel': ('translate_y', (0, 0.45))}
+
+
+def test_dali_rand_augment_has_timms_ops_and_ranges_each_applied_half_the_time():
+    from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, rand_augment_transform
+    ops = dali_loader.timm_rand_augment_ops()
+    assert [op.name for op in ops].count('identity') == len(ops) // 2  # timm: each picked op runs with p = 0.5
+    assert {op.name: op.mag_range for op in ops if op.name != 'identity'} == dict(
+        TIMM_TO_DALI[name] for name in _RAND_INCREASING_TRANSFORMS)
+    assert all(op.prob == 0.5 for op in rand_augment_transform('rand-m9-mstd0.5-inc1', {}).ops)
+
+
 def test_dali_rand_augment_follows_deits_n_and_m():
     assert dali_loader.rand_augment_n_m('rand-m9-mstd0.5-inc1') == (2, 9.0)
     assert dali_loader.rand_augment_n_m('rand-n3-m7') == (3, 7.0)
