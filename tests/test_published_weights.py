@@ -16,7 +16,6 @@ import checkpoints
 import localvit_models
 import main
 import model_factory
-import models  # noqa: F401 - registers our families
 from conftest import ROOT, TINY, run_main
 from utils import UserError
 
