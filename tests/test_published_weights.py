@@ -19,6 +19,7 @@ import model_factory
 from conftest import ROOT, TINY, run_main
 from utils import UserError
 
+
 @pytest.fixture(autouse=True)
 def own_download_cache(monkeypatch, tmp_path):
     """timm's downloads (file:// URLs here) land in this test's folder, never in the user's cache."""
