@@ -1,5 +1,7 @@
 """--data-backend pil / dali: the batches each one gives, the same samplers behind both, DALI's CPU mode end to end."""
 import os
+import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import read_log, run_main, write_image_folder
+from conftest import ROOT, read_log, run_main, write_image_folder
 
 import dali_loader
 import datasets
@@ -190,3 +192,28 @@ def test_dali_multi_size_training_rebuilds_the_pipeline_at_each_size(photos, tmp
     assert result.returncode == 0, result.stderr
     _, epochs = read_log(out)
     assert [e['train_size'] for e in epochs] == [8, 16]
+
+
+def test_dali_run_stopped_mid_epoch_resumes_the_same_schedule(photos, tmp_path):
+    """SIGTERM inside epoch 1, then the same command: the same epochs, updates and learning rates as a run left
+    alone (DALI's augmentations differ, so the weights may; docs/data.md)."""
+    flags = ['--model', 'deit_micro_patch2_16', '--data-path', photos, '--data-backend', 'dali', '--input-size', 16,
+             '--batch-size', 4, '--num-workers', 1, '--device', 'cpu', '--no-model-ema', '--epochs', 2,
+             '--print-freq', 1]
+    alone = tmp_path / 'alone'
+    assert run_main(flags + ['--output_dir', alone]).returncode == 0
+    stopped = tmp_path / 'stopped'
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py')] + [str(f) for f in flags] +
+                            ['--output_dir', str(stopped)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    for line in proc.stdout:
+        if line.startswith('Epoch: [1] [1/'):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    assert torch.load(stopped / 'checkpoint.pth', weights_only=True)['step_in_epoch'] > 0  # inside epoch 1
+    result = run_main(flags + ['--output_dir', stopped])
+    assert result.returncode == 0, result.stderr
+    expected, resumed = read_log(alone)[1], read_log(stopped)[1]
+    assert [e['epoch'] for e in resumed] == [e['epoch'] for e in expected] == [0, 1]
+    for key in ('train_lr', 'train_size', 'batch_size'):
+        assert [e[key] for e in resumed] == pytest.approx([e[key] for e in expected]), key
