@@ -4,8 +4,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ROOT, write_image_folder
 
@@ -75,3 +77,15 @@ def test_ours_uses_main_builders_and_fp16_only_scales():
 def test_bad_workers_list_is_a_usage_error():
     result = run_bench('--workers', 'two')
     assert result.returncode == 2 and 'comma-separated list of worker counts' in result.stderr
+
+
+def test_bench_photos_writes_natural_photo_jpegs(tmp_path):
+    import bench_photos
+    paths = bench_photos.write_photos(str(tmp_path), count=3, width=50, height=40, quality=90)
+    assert [os.path.basename(p) for p in paths] == ['00000.jpg', '00001.jpg', '00002.jpg']
+    sizes = {Image.open(p).size for p in paths}
+    assert sizes == {(50, 40)}
+    first, second = (np.asarray(Image.open(p)).astype(float) for p in paths[:2])
+    assert first.std() > 5 and np.abs(first - second).mean() > 5  # photo content, windows of two photos
+    with pytest.raises(ValueError, match='larger than the sample photographs'):
+        bench_photos.write_photos(str(tmp_path), count=1, width=700, height=40, quality=90)
