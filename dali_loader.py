@@ -105,11 +105,16 @@ class DaliLoader:
         pipe = self.pipeline(files=[str(self.samples[i][0]) for i in indices],
                              labels=[int(self.samples[i][1]) for i in indices], on_gpu=on_gpu,
                              batch_size=self.batch_size, num_threads=self.num_threads, seed=seed,
-                             device_id=(self.device.index or torch.cuda.current_device()) if on_gpu else None)
+                             device_id=self._device_id() if on_gpu else None)
         pipe.build()
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         for batch in DALIGenericIterator(pipe, ['images', 'labels'], reader_name='reader', last_batch_policy=policy):
             yield batch[0]['images'], batch[0]['labels'].view(-1).long()
+
+
+    def _device_id(self):
+        """--device cuda:N, else the device torchrun / Slurm set for this rank."""
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
 
 def _reader(files, labels, pad):
