@@ -14,6 +14,7 @@ import re
 
 import torch
 
+from datasets import auto_augment_policy
 from utils import UserError
 
 DATA_SETS = ('IMNET', 'FOLDER', 'LIST', 'INAT18', 'INAT19')  # data sets whose samples are (image file, label)
@@ -37,6 +38,7 @@ def require_dali():
 def check_flags(args):
     """A one-line error for what the DALI pipeline does not do, before anything is built."""
     require_dali()
+    aa = auto_augment_policy(args)
     unsupported = [
         (args.data_set not in DATA_SETS, f'--data-set {args.data_set} (DALI reads image files: '
                                          f'{", ".join(DATA_SETS)})'),
@@ -46,16 +48,12 @@ def check_flags(args):
                                'scripts/prepare_data.py)'),
         (args.train_interpolation not in INTERPOLATIONS, f'--train-interpolation {args.train_interpolation} '
                                                          f'(DALI: {", ".join(INTERPOLATIONS)})'),
-        (_aa(args) is not None and not RAND_AUGMENT.match(_aa(args)), f'--aa {args.aa} (DALI has RandAugment, '
-                                                                       'rand-mM-nN, only)'),
+        (aa is not None and not RAND_AUGMENT.match(aa), f'--aa {args.aa} (DALI has RandAugment, rand-mM-nN, '
+                                                         'only)'),
     ]
     for problem, what in unsupported:
         if problem:
             raise UserError(f'--data-backend dali does not support {what}; use --data-backend pil')
-
-
-def _aa(args):
-    return None if args.aa in (None, '', 'none') else args.aa
 
 
 def rand_augment_n_m(aa):
@@ -96,9 +94,9 @@ class DaliLoader:
     def __iter__(self):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
-        order = list(self.sampler)
         if len(self) == 0:
             return
+        order = list(self.sampler)
         indices = [item[0] if isinstance(item, tuple) else item for item in order]
         seed = order[0][1] % 2 ** 31 if isinstance(order[0], tuple) else 0
         on_gpu = self.device.type == 'cuda'
@@ -128,7 +126,7 @@ def train_pipeline(args):
     with DeiT's n and m (or colour jitter without it), HWC -> CHW."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.auto_aug import rand_augment
-    size, aa = args.input_size, _aa(args)
+    size, aa = args.input_size, auto_augment_policy(args)
     interp = getattr(types, INTERPOLATIONS[args.train_interpolation])
 
     @pipeline_def(enable_conditionals=True)
@@ -188,12 +186,12 @@ def eval_pipeline(args):
 
 
 def build_train_loader(args, dataset, sampler, batch_size):
-    check_flags(args)
+    """args: flags that check_flags has passed."""
     return DaliLoader(dataset.samples, sampler, batch_size, train_pipeline(args), drop_last=True, device=args.device,
                       num_threads=args.num_workers)
 
 
 def build_val_loader(args, dataset, sampler, batch_size):
-    check_flags(args)
+    """args: flags that check_flags has passed."""
     return DaliLoader(dataset.samples, sampler, batch_size, eval_pipeline(args), drop_last=False,
                       device=args.device, num_threads=args.num_workers)

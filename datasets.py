@@ -295,8 +295,8 @@ def build_transform(is_train, args, uint8=False):
     if args.ThreeAugment:
         return three_augment_transform(size, args, uint8)
     transform = create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
-                                 auto_augment=_aa(args), interpolation=args.train_interpolation, re_prob=args.reprob,
-                                 re_mode=args.remode, re_count=args.recount, hflip=args.hflip,
+                                 auto_augment=auto_augment_policy(args), interpolation=args.train_interpolation,
+                                 re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, hflip=args.hflip,
                                  mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, use_prefetcher=uint8)
     if size <= SMALL_IMAGE_MAX:
         # DeiT swaps the random-resized crop for a padded random crop; images of another size are resized first
@@ -341,7 +341,8 @@ class ReducedDecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
                               box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
 
 
-def _aa(args):
+def auto_augment_policy(args):
+    """--aa as timm takes it: None for none."""
     return None if args.aa in (None, '', 'none') else args.aa
 
 

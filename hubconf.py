@@ -8,6 +8,7 @@ Each entry is `name(pretrained=False, checkpoint_path=None, **kwargs)`; kwargs g
 import timm
 
 import checkpoints
+import model_factory
 import models  # noqa: F401 - importing it registers every family of ours in timm
 import utils
 
@@ -31,17 +32,15 @@ def _create(name, pretrained, checkpoint_path, kwargs):
 
 def _create_pretrained(name, kwargs):
     """timm fetches the cfg's weights (Hugging Face hub first, else its url) with weights_only loading."""
-    cfg = {**timm.models.get_pretrained_cfg(name).to_dict(), **kwargs.get('pretrained_cfg_overlay', {})}
-    source = cfg.get('hf_hub_id') or cfg.get('url') or cfg.get('file')
+    source = model_factory.published_weights(name, kwargs.get('pretrained_cfg_overlay'))
     if not source:
         raise ValueError(f'{name} has no published weights; train it with main.py and pass the file with '
                          "checkpoint_path='.../checkpoint.pth'")
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
-    except OSError as e:  # urllib, Hugging Face hub and missing-file errors are all OSErrors
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise RuntimeError(f'could not fetch the {name} weights from {source} ({reason}); download them '
-                           "yourself and pass the local file with checkpoint_path='...'") from e
+    except OSError as e:
+        raise RuntimeError(f'could not fetch the {name} weights from {source} ({model_factory.fetch_failure(e)}); '
+                           "download them yourself and pass the local file with checkpoint_path='...'") from e
 
 
 def _load_checkpoint(model, name, path):

@@ -97,10 +97,17 @@ def _create(name, pretrained, kwargs):
         return _create(name, pretrained, {k: v for k, v in kwargs.items() if k not in unsupported})
 
 
-def published_weights(name):
-    """Where timm downloads the weights of `name` from (its pretrained cfg's Hugging Face hub id or URL), or ''."""
+def published_weights(name, overlay=None):
+    """Where timm takes the weights of `name` from (its pretrained cfg's Hugging Face hub id, URL or file, with
+    `overlay` over the cfg), or ''."""
     cfg = timm.models.get_pretrained_cfg(name)
-    return (cfg.hf_hub_id or cfg.url or '') if cfg is not None else ''
+    cfg = {**(cfg.to_dict() if cfg is not None else {}), **(overlay or {})}
+    return cfg.get('hf_hub_id') or cfg.get('url') or cfg.get('file') or ''
+
+
+def fetch_failure(error):
+    """The first line of a download's OSError (urllib, Hugging Face hub and missing-file errors all are)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
 
 
 def create_pretrained(args, options):
@@ -115,10 +122,10 @@ def create_pretrained(args, options):
     try:
         return create_at_size(args.model, args.input_size, pretrained=True, num_classes=args.nb_classes,
                               drop_rate=args.drop, drop_path_rate=args.drop_path, **options)
-    except OSError as e:  # urllib, Hugging Face hub and missing-file errors are all OSErrors
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f'--pretrained: could not download the {args.model} weights from {source} ({reason}); '
-                        'download the file yourself and pass --finetune FILE (or --resume FILE with --eval)') from e
+    except OSError as e:
+        raise UserError(f'--pretrained: could not download the {args.model} weights from {source} '
+                        f'({fetch_failure(e)}); download the file yourself and pass --finetune FILE (or --resume '
+                        'FILE with --eval)') from e
     except RuntimeError as e:
         if 'state_dict' not in str(e):
             raise

@@ -7,6 +7,8 @@ from collections import namedtuple
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+import utils
+
 # DeiT-style training code saves its args as a Namespace beside the weights: let weights_only loads (timm's
 # pretrained download among them) read such files.
 torch.serialization.add_safe_globals([argparse.Namespace])
@@ -61,14 +63,9 @@ def read_layout(state, own):
     return converted[0] if converted else (OWN_LAYOUT, state)
 
 
-def model_state(checkpoint):
-    """The state dict inside a downloaded file: its 'model' entry (DeiT-style training code), else the file."""
-    return checkpoint.get('model', checkpoint)
-
-
 def to_our_layout(checkpoint, model):
     """timm's pretrained_filter_fn for our families: a downloaded file, in any layout we read, under our names."""
-    return read_layout(model_state(checkpoint), model.state_dict())[1]
+    return read_layout(utils.model_weights(checkpoint, '(downloaded)'), model.state_dict())[1]
 
 
 def renamed(state, renames):

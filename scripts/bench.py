@@ -222,6 +222,7 @@ def make_pil_loader(paths, config, batch_size, workers, baseline):
 def make_dali_loader(paths, config, batch_size, workers):
     """main.py's dali loader (GPU decoding on cuda, DALI's CPU mode on the CPU) with `workers` DALI threads."""
     config = argparse.Namespace(**dict(vars(config), num_workers=workers))
+    loaders.dali_loader.check_flags(config)
     files = [(path, 0) for path in paths]
     return loaders.dali_loader.build_train_loader(config, argparse.Namespace(samples=files),
                                                   torch.randperm(len(files)).tolist(), batch_size)
