@@ -12,8 +12,11 @@ from samplers import EvalSampler, RASampler, SeededDataset, collate_skipping_non
 
 
 def loader_options(args):
-    options = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith('cuda'),
-                   persistent_workers=args.num_workers > 0, collate_fn=collate_skipping_none,
+    """Every loader has its own generator: without one, each iterator a DataLoader starts draws its base seed from
+    the global torch RNG, and how often that happens depends on the worker count (persistent workers start once)
+    and on where a run resumed, which would shift erasing, Mixup and drop path after a resume."""
+    options = dict(generator=torch.Generator().manual_seed(args.seed), num_workers=args.num_workers,
+                   pin_memory=args.pin_mem and args.device.startswith('cuda'), persistent_workers=args.num_workers > 0, collate_fn=collate_skipping_none,
                    worker_init_fn=utils.ignore_stop_signals)
     if args.num_workers > 0:
         options['prefetch_factor'] = 4
@@ -44,8 +47,7 @@ def build_train_loader(args, dataset_train, batch_size):
     if args.data_backend == 'dali':
         return dali_loader.build_train_loader(args, dataset_train, sampler, batch_size)
     return DataLoader(SeededDataset(dataset_train, skipped_errors(args), refill=True), sampler=sampler,
-                      batch_size=batch_size, drop_last=True, generator=torch.Generator().manual_seed(args.seed),
-                      **loader_options(args))
+                      batch_size=batch_size, drop_last=True, **loader_options(args))
 
 
 def build_val_loader(args, dataset_val):

@@ -50,13 +50,15 @@ def learned(tmp_path_factory):
     return ok(run_main(LEARN + ['--output_dir', out])), out
 
 
-@pytest.fixture(scope='module')
-def resume_runs(tmp_path_factory):
-    """An uninterrupted 3-epoch run, and a 2-epoch run continued (auto-resumed) to 3 epochs."""
+@pytest.fixture(scope='module', params=[0, 2], ids=['0-workers', '2-workers'])
+def resume_runs(tmp_path_factory, request):
+    """An uninterrupted 3-epoch run without DataLoader workers, and a 2-epoch run continued (auto-resumed) to 3
+    epochs with request.param workers."""
     full, part = tmp_path_factory.mktemp('full'), tmp_path_factory.mktemp('part')
+    workers = ['--num_workers', request.param]
     ok(run_main(EXACT + ['--epochs', '3', '--output_dir', full]))
-    ok(run_main(EXACT + ['--epochs', '2', '--output_dir', part]))
-    continued = ok(run_main(EXACT + ['--epochs', '3', '--output_dir', part]))
+    ok(run_main(EXACT + workers + ['--epochs', '2', '--output_dir', part]))
+    continued = ok(run_main(EXACT + workers + ['--epochs', '3', '--output_dir', part]))
     return full, part, continued
 
 

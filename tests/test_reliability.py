@@ -54,9 +54,14 @@ def wait_for_progress_lines(proc, count):
     return False
 
 
-def test_kill_9_at_random_moments_then_resume_is_bit_identical(reference, tmp_path):
+# The reference run loads in the main process; resumed runs with DataLoader workers must still match it.
+WORKERS = pytest.mark.parametrize('workers', [0, 2])
+
+
+@WORKERS
+def test_kill_9_at_random_moments_then_resume_is_bit_identical(reference, tmp_path, workers):
     rng = random.Random(1)
-    args = EXACT + ['--output_dir', tmp_path, '--save-every', '1']  # saves at every step: kills land in saves too
+    args = EXACT + ['--output_dir', tmp_path, '--save-every', '1', '--num_workers', workers]  # saves at every step: kills land in saves too
     kills = 0
     while kills < 6:
         proc = start_training(args)
@@ -75,8 +80,9 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(reference, tmp_pa
     assert not [name for name in os.listdir(tmp_path) if '.tmp.' in name]  # a kill's leftovers are cleaned
 
 
-def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(reference, tmp_path):
-    args = EXACT + ['--output_dir', tmp_path]
+@WORKERS
+def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(reference, tmp_path, workers):
+    args = EXACT + ['--output_dir', tmp_path, '--num_workers', workers]
     proc = start_training(args)
     assert wait_for_progress_lines(proc, 30)  # step 30 of epoch 0's 89
     proc.send_signal(signal.SIGTERM)
@@ -91,16 +97,18 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(reference, tmp_pa
     assert_same_weights(reference, load(tmp_path / 'checkpoint.pth'))
 
 
-def test_save_every_checkpoint_resumes_exactly(reference, tmp_path):
+@WORKERS
+def test_save_every_checkpoint_resumes_exactly(reference, tmp_path, workers):
     """A run that stopped right after a --save-every checkpoint continues to the same weights and losses."""
     first = tmp_path / 'first'
-    proc = start_training(EXACT + ['--output_dir', first, '--save-every', '7'])
+    args = EXACT + ['--output_dir', first, '--save-every', '7', '--num_workers', workers]
+    proc = start_training(args)
     assert wait_for_progress_lines(proc, 60)
     proc.kill()
     proc.wait()
     ckpt = load(first / 'checkpoint.pth')
     assert ckpt['step_in_epoch'] % 7 == 0 and ckpt['step_in_epoch'] > 0
-    result = run_main(EXACT + ['--output_dir', first, '--save-every', '7'])
+    result = run_main(args)
     assert result.returncode == 0, result.stderr
     assert_same_weights(reference, load(first / 'checkpoint.pth'))
 
