@@ -1,9 +1,12 @@
 """main.py's flags: the parser, -c/--config recipes (YAML files of flag defaults, timm's convention) and the allowed
 range of every numeric flag, checked before anything is built or written."""
 import argparse
+import copy
 import difflib
 import math
+import os
 import re
+import sys
 
 import yaml
 
@@ -11,6 +14,8 @@ import localvit_models
 from datasets import DATASET_ALIASES, DATASETS
 from utils import UserError
 
+# An on/off flag: --name turns it on, --no-name off, so that the command line can undo what a recipe sets.
+SWITCH = dict(action=argparse.BooleanOptionalAction, default=False)
 
 def get_args_parser():
     p = argparse.ArgumentParser('DeiT-style training and evaluation', add_help=False,
@@ -19,12 +24,12 @@ def get_args_parser():
     g.add_argument('--batch-size', default=64, type=int, help='images per process per step')
     g.add_argument('--epochs', default=300, type=int)
     g.add_argument('--accum-iter', default=1, type=int, help='micro-batches accumulated per optimizer update')
-    g.add_argument('--bce-loss', action='store_true', help='binary cross-entropy instead of softmax CE')
-    g.add_argument('--unscale-lr', action='store_true', help='do not scale --lr by global batch / 512')
+    g.add_argument('--bce-loss', **SWITCH, help='binary cross-entropy instead of softmax CE')
+    g.add_argument('--unscale-lr', **SWITCH, help='do not scale --lr by global batch / 512')
     g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
                    help='autocast precision; auto = bf16 on CUDA, none on CPU')
-    g.add_argument('--compile', action='store_true', help='torch.compile the training model')
-    g.add_argument('--cosub', action='store_true',
+    g.add_argument('--compile', **SWITCH, help='torch.compile the training model')
+    g.add_argument('--cosub', **SWITCH,
                    help="DeiT's Cosub: co-train two stochastic-depth submodels of the model on each batch (BCE)")
     g.add_argument('--skip-nonfinite', default=0, type=int, metavar='N',
                    help='skip up to N steps whose loss is NaN / inf before stopping (default: stop at the first)')
@@ -33,8 +38,9 @@ def get_args_parser():
     g.add_argument('--time-budget', type=float, default=None, metavar='HOURS',
                    help='end the run at this wall-clock budget, final evaluation and checkpoint included; the LR '
                         'and size schedules follow the elapsed fraction of it (--epochs then only sets proportions)')
-    g.add_argument('--no-warmup', action='store_true', help='same as --warmup-epochs 0')
-    g.add_argument('--is-multisize', action='store_true',
+    g.add_argument('--warmup', action=argparse.BooleanOptionalAction, default=True,
+                   help='--no-warmup: the same as --warmup-epochs 0')
+    g.add_argument('--is-multisize', **SWITCH,
                    help='train at --init-size, growing by 16 x --patch-step px every --epoch-step epochs')
     g.add_argument('--init-size', type=int, default=32, help='first size of --is-multisize')
     g.add_argument('--epoch-step', type=int, default=7,
@@ -43,9 +49,9 @@ def get_args_parser():
                    help='growth of --is-multisize, in 16 px steps (the paper\'s recipe: 2)')
     g.add_argument('--size-schedule', default='', metavar='START:SIZE,...',
                    help="training sizes by epoch ('0:32,5:64') or by fraction of the run ('0:32,0.5:64')")
-    g.add_argument('--eval-on-final-size', action='store_true',
+    g.add_argument('--eval-on-final-size', **SWITCH,
                    help='multi-size: evaluate at --input-size (default: at the current training size)')
-    g.add_argument('--multisize-batch', action='store_true',
+    g.add_argument('--multisize-batch', **SWITCH,
                    help='multi-size: scale the batch with (input-size / size)^2, the same pixels per batch')
 
     g = p.add_argument_group('model')
@@ -56,11 +62,11 @@ def get_args_parser():
     g.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='stochastic depth rate')
     g.add_argument('--layer-scale', type=float, default=None, metavar='INIT',
                    help='LayerScale with this initial value (e.g. 1e-5), for ViT-family models')
-    g.add_argument('--constant-drop-path', action='store_true',
+    g.add_argument('--constant-drop-path', **SWITCH,
                    help='the same --drop-path rate in every block (DeiT III) instead of a linear increase')
     g.add_argument('--patch-embed', default='patch', choices=['patch', 'hmlp'],
                    help="ViT patch embedding: timm's linear patchify, or 3Things' hierarchical-MLP stem")
-    g.add_argument('--localvit', action='store_true',
+    g.add_argument('--localvit', **SWITCH,
                    help="the 24-hour paper's improved LocalViT: a DeiT / ViT with a depth-wise conv in each FFN")
     g.add_argument('--localvit-act', default=None, choices=localvit_models.LOCALVIT_ACTS,
                    help='activation (+ channel attention) of the local FFN; default: hs with --localvit, '
@@ -68,7 +74,7 @@ def get_args_parser():
     g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True,
                    help='keep an EMA of the weights')
     g.add_argument('--model-ema-decay', type=float, default=0.99996)
-    g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA weights on the CPU')
+    g.add_argument('--model-ema-force-cpu', **SWITCH, help='keep the EMA weights on the CPU')
 
     g = p.add_argument_group('optimizer')
     g.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER', help='any timm optimizer name')
@@ -94,7 +100,7 @@ def get_args_parser():
     g.add_argument('--cooldown-epochs', type=int, default=10,
                    help='epochs at --min-lr after the cosine; trained only with --train-cooldown (DeiT stops '
                         'at --epochs, so the cosine spans the whole run)')
-    g.add_argument('--train-cooldown', action='store_true',
+    g.add_argument('--train-cooldown', **SWITCH,
                    help="also train the --cooldown-epochs at --min-lr after --epochs, as timm's train.py does")
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
 
@@ -108,9 +114,9 @@ def get_args_parser():
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     g.add_argument('--repeated-aug', action=argparse.BooleanOptionalAction, default=True,
                    help='repeated augmentation, under a distributed launch as in DeiT')
-    g.add_argument('--three-augment', '--ThreeAugment', dest='ThreeAugment', action='store_true',
+    g.add_argument('--three-augment', '--ThreeAugment', dest='ThreeAugment', **SWITCH,
                    help="DeiT III's 3-Augment")
-    g.add_argument('--src', action='store_true', help='simple random crop (with --ThreeAugment)')
+    g.add_argument('--src', **SWITCH, help='simple random crop (with --ThreeAugment)')
     g.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erase probability')
     g.add_argument('--remode', type=str, default='pixel', help='random erase mode')
     g.add_argument('--recount', type=int, default=1, help='random erase count')
@@ -126,7 +132,7 @@ def get_args_parser():
     g = p.add_argument_group('token reorganisation (EViT models)')
     g.add_argument('--base-keep-rate', '--base_keep_rate', dest='base_keep_rate', type=float, default=None,
                    help="fraction of patch tokens kept at each keep layer; unset: the model's own (0.7)")
-    g.add_argument('--fuse-token', '--fuse_token', dest='fuse_token', action='store_true',
+    g.add_argument('--fuse-token', '--fuse_token', dest='fuse_token', **SWITCH,
                    help='fuse the dropped tokens into one extra token')
     g.add_argument('--drop-loc', '--drop_loc', dest='drop_loc', default=None, type=str,
                    help="keep layers, e.g. '(3, 6, 9)'; unset: the model's own")
@@ -134,12 +140,12 @@ def get_args_parser():
                    help='keep every token until this epoch')
     g.add_argument('--shrink-epochs', '--shrink_epochs', dest='shrink_epochs', default=100, type=int,
                    help='epochs of cosine decay of the keep rate from 1 to --base_keep_rate (0: at once)')
-    g.add_argument('--test-speed', '--test_speed', dest='test_speed', action='store_true',
+    g.add_argument('--test-speed', '--test_speed', dest='test_speed', **SWITCH,
                    help='print inference img/s (batch 64) before training')
-    g.add_argument('--only-test-speed', '--only_test_speed', dest='only_test_speed', action='store_true',
+    g.add_argument('--only-test-speed', '--only_test_speed', dest='only_test_speed', **SWITCH,
                    help='print inference img/s and exit')
 
-    g.add_argument('--visualize-mask', '--visualize_mask', dest='visualize_mask', action='store_true',
+    g.add_argument('--visualize-mask', '--visualize_mask', dest='visualize_mask', **SWITCH,
                    help='EViT: after evaluation, write pictures of the kept / fused patches to output_dir/masks')
     g.add_argument('--n-visualization', '--n_visualization', dest='n_visualization', default=128, type=int,
                    help='how many validation images to draw')
@@ -155,10 +161,10 @@ def get_args_parser():
     g = p.add_argument_group('fine-tuning')
     g.add_argument('--finetune', default='', help='checkpoint to start from; head and position embedding '
                    'are adapted to this run')
-    g.add_argument('--pretrained', action='store_true',
+    g.add_argument('--pretrained', **SWITCH,
                    help="start from the weights the model's authors published (downloaded by timm; see README's "
                         'published-weights table)')
-    g.add_argument('--attn-only', action='store_true',
+    g.add_argument('--attn-only', **SWITCH,
                    help="3Things: train only the attention weights, position embedding and classifier")
     g.add_argument('--train-mode', action=argparse.BooleanOptionalAction, default=True,
                    help='train in train mode; --no-train-mode: in eval mode, no dropout or drop path, BatchNorm '
@@ -174,10 +180,10 @@ def get_args_parser():
     g.add_argument('--val-list', default='', metavar='FILE', help='LIST data set: the validation list')
     g.add_argument('--inat-category', default='name',
                    choices=['kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'])
-    g.add_argument('--download', action='store_true', help='let CIFAR10/100 download when missing')
-    g.add_argument('--use-lmdb', action='store_true',
+    g.add_argument('--download', **SWITCH, help='let CIFAR10/100 download when missing')
+    g.add_argument('--use-lmdb', **SWITCH,
                    help='IMNET / FOLDER: --data-path is an LMDB written by scripts/folder2lmdb.py')
-    g.add_argument('--skip-bad-images', action='store_true',
+    g.add_argument('--skip-bad-images', **SWITCH,
                    help='skip unreadable image files (counted in the log) instead of stopping')
     g.add_argument('--fake-size', default=1280, type=int, help='FAKE: training images (val gets a fifth)')
     g.add_argument('--fake-classes', default=1000, type=int, help='FAKE: number of classes')
@@ -198,15 +204,15 @@ def get_args_parser():
     g.add_argument('--resume', default='', help='checkpoint path or URL to resume from')
     g.add_argument('--start-epoch', '--start_epoch', dest='start_epoch', default=0, type=int, metavar='N',
                    help='first epoch when not resuming')
-    g.add_argument('--eval', action='store_true', help='evaluate only')
+    g.add_argument('--eval', **SWITCH, help='evaluate only')
     g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='center-crop ratio at evaluation')
-    g.add_argument('--dist-eval', action='store_true', help='split evaluation over ranks')
+    g.add_argument('--dist-eval', **SWITCH, help='split evaluation over ranks')
     g.add_argument('--print-freq', default=10, type=int, help='progress line every N updates')
     g.add_argument('--save-every', default=0, type=int, metavar='N',
                    help='also checkpoint every N updates inside an epoch (0: at epoch ends only)')
     g.add_argument('--on-save-error', default='continue', choices=['continue', 'stop'],
                    help='when a checkpoint cannot be written, keep the last good one and go on, or stop')
-    g.add_argument('--overwrite', action='store_true',
+    g.add_argument('--overwrite', **SWITCH,
                    help='start afresh in an output_dir that holds another run\'s checkpoint')
 
     g = p.add_argument_group('distributed')
@@ -220,36 +226,164 @@ def get_args_parser():
 
 
 def parse_args(argv=None, parser=None):
-    """Flags, with the defaults of -c/--config FILE.yaml (timm's convention) under those given on the command line."""
+    """Flags, with a -c/--config FILE.yaml recipe (timm's convention) read first and the command line after it.
+
+    The recipe's entries become command-line tokens placed before the user's, so both take one path through the
+    parser (types, choices, ranges) and every flag given on the command line overrides the recipe."""
     parser = parser or get_args_parser()
-    config = argparse.ArgumentParser(add_help=False)
-    config.add_argument('-c', '--config', default='')
-    known, _ = config.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**read_config(known.config, parser))
-    return parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = config_path(argv)
+    if not path:
+        return parser.parse_args(argv)
+    recipe = read_config(path, parser)
+    args = parser.parse_args([token for tokens in recipe.values() for token in tokens] + argv)
+    given = given_on_command_line(argv, parser)
+    if 'data_path' in given and 'data_set' not in given and args.data_set in DATA_SETS_WITHOUT_PATH:
+        print(f'| --data-path given: {path}\'s data_set {args.data_set} left out; the data set is found from the '
+              'path (pass --data-set to choose it)', flush=True)
+        args.data_set = None
+    return args
+
+
+DATA_SETS_WITHOUT_PATH = ('DIGITS', 'FAKE')
+
+
+def config_path(argv):
+    """The -c/--config FILE of the command line ('' if none); given twice is a UserError."""
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    finder.add_argument('-c', '--config', action='append', default=[])
+    paths = finder.parse_known_args(argv)[0].config
+    if len(paths) > 1:
+        raise UserError(f'-c/--config is given {len(paths)} times ({", ".join(paths)}); pass one recipe and put '
+                        'further values on the command line')
+    return os.path.expanduser(paths[0]) if paths else ''
+
+
+def given_on_command_line(argv, parser):
+    """The dests that argv sets itself."""
+    given = copy.deepcopy(parser)
+    for action in given._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(given.parse_known_args(argv)[0]))
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f'the key {key!r} is given twice',
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return yaml.load(f, Loader=UniqueKeyLoader)
+    except OSError as e:
+        raise UserError(f'--config {path} cannot be read ({e.strerror}); pass a YAML file of flag: value') from e
+    except UnicodeDecodeError as e:
+        raise UserError(f'--config {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); '
+                        'save it as UTF-8') from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark else ''
+        problem = getattr(e, 'problem', None) or type(e).__name__
+        raise UserError(f'--config {path} is not valid YAML{where}: {problem}; write one "flag: value" per '
+                        'line') from e
 
 
 def read_config(path, parser):
-    """{dest: value} from a YAML recipe whose keys are flags without the leading dashes (warmup-epochs,
-    warmup_epochs, three-augment or ThreeAugment)."""
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f'--config {path} cannot be read ({type(e).__name__}); pass a YAML file of flag: value') from e
+    """{dest: command-line tokens} from a YAML recipe whose keys are flags without the leading dashes (warmup-epochs,
+    warmup_epochs, three-augment or ThreeAugment). Each entry is parsed on its own first, so that a bad one is a
+    UserError naming file, key and what the flag takes."""
+    values = load_yaml(path)
+    values = {} if values is None else values
     if not isinstance(values, dict):
         raise UserError(f'--config {path} is not a mapping of flag: value; write one "flag: value" per line')
-    names = {action.dest: action.dest for action in parser._actions}  # a key is a dest or a flag without dashes
-    names.update({option.lstrip('-').replace('-', '_'): action.dest for action in parser._actions
-                  for option in action.option_strings})
-    keys = {str(key): str(key).replace('-', '_') for key in values}
-    unknown = sorted(key for key, name in keys.items() if name not in names)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], list(names), n=1)
-        raise UserError(f'--config {path}: unknown flag {unknown[0]!r}'
-                        f'{f" (did you mean {close[0]!r}?)" if close else ""}; see python main.py --help')
-    return {names[keys[key]]: value for key, value in values.items()}
+    options = recipe_options(parser)
+    recipe = {}
+    for key, value in values.items():
+        name = str(key).replace('-', '_')
+        if name not in options:
+            close = difflib.get_close_matches(name, list(options), n=1)
+            raise UserError(f'--config {path}: unknown flag {key!r}'
+                            f'{f" (did you mean {close[0]!r}?)" if close else ""}; see python main.py --help')
+        action, option = options[name]
+        if action.dest == 'config':
+            raise UserError(f'--config {path}: a recipe cannot name another recipe ({key!r}); merge the two files')
+        if action.dest in recipe:
+            raise UserError(f'--config {path}: {key!r} sets {action.option_strings[0]}, which another key of the '
+                            'file sets too; keep one of them')
+        try:
+            recipe[action.dest] = recipe_tokens(action, option, value)
+            check_recipe_value(parser, action, recipe[action.dest])
+        except (ValueError, argparse.ArgumentError) as e:
+            raise UserError(f'--config {path}: {key}: {recipe_problem(e)}') from e
+    return recipe
+
+
+def recipe_options(parser):
+    """recipe key -> (action, the option string it names): each option without its dashes, and each dest."""
+    options = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        for option in action.option_strings:
+            options.setdefault(option.lstrip('-').replace('-', '_'), (action, option))
+        options.setdefault(action.dest, (action, action.option_strings[0]))
+    return options
+
+
+def recipe_tokens(action, option, value):
+    """The command-line tokens that set `action` to a recipe's `value`, or ValueError saying what it takes."""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise ValueError(f'{value!r} is not true or false; write true or false, unquoted')
+        negated = option.startswith('--no-') and '--' + option[5:] in action.option_strings
+        on = value != negated
+        return [next(o for o in action.option_strings if o.startswith('--no-') != on)]
+    if value is None:
+        if action.default is None:
+            return []
+        raise ValueError(f'has no value; give one, or leave the key out for the default {action.default!r}')
+    many = action.nargs in ('+', '*') or isinstance(action.nargs, int)
+    items = value if many and isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, (list, dict)) or isinstance(item, bool) or item is None:
+            kind = {list: 'a list', dict: 'a mapping'}.get(type(item), repr(item))
+            takes = 'one or more values' if many else 'one value'
+            raise ValueError(f'{kind} is not what {action.option_strings[0]} takes; write {takes}'
+                             f'{", as on the command line" if isinstance(item, dict) else ""}')
+    words = [os.path.expanduser(i) if isinstance(i, str) else str(i) for i in items]
+    return [action.option_strings[0]] + words if many else [f'{action.option_strings[0]}={words[0]}']
+
+
+def check_recipe_value(parser, action, tokens):
+    """Parse one recipe entry alone (argparse's types and choices), then check its range."""
+    if not tokens:
+        return
+    saved = parser.exit_on_error
+    parser.exit_on_error = False  # an ArgumentError to catch, not a usage message and exit
+    try:
+        args, _ = parser.parse_known_args(tokens)
+    finally:
+        parser.exit_on_error = saved
+    problem = range_problem(action, getattr(args, action.dest))
+    if problem:
+        raise ValueError(problem)
+
+
+def recipe_problem(error):
+    message = error.message if isinstance(error, argparse.ArgumentError) else str(error)
+    hints = {'invalid int value': 'write a whole number', 'invalid float value': 'write a number'}
+    hint = next((h for text, h in hints.items() if text in message), '')
+    return message + (f'; {hint}' if hint else '')
 
 
 # ---------------------------------------------------------------- ranges
@@ -276,6 +410,8 @@ FLAG_RANGES = {
     'start_epoch': (0, INF, '[)'), 'eval_crop_ratio': (0, 1, '(]'), 'print_freq': (1, INF, '[)'),
     'save_every': (0, INF, '[)'), 'dist_timeout': (1, INF, '[)'),
 }
+# list-valued flags: how many values each takes (Adan has three betas; timm's Mixup takes a (min, max) pair).
+FLAG_LENGTHS = {'opt_betas': (2, 3), 'cutmix_minmax': (2,), 'lr_noise': (1, 2)}
 DEVICE = re.compile(r'(auto|cpu|cuda(:\d+)?)$')
 
 
@@ -298,15 +434,27 @@ def _number(x):
 
 
 def check_flag_ranges(args, parser):
-    """UserError naming the first flag whose value is out of its range (or is nan / inf), and the range."""
+    """UserError naming the first flag whose value is out of its range (or is nan / inf, or a list of the wrong
+    length), and what it takes."""
     for action in parser._actions:
-        if action.dest not in FLAG_RANGES or getattr(args, action.dest, None) is None:
-            continue
-        value = getattr(args, action.dest)
-        low, high, brackets = FLAG_RANGES[action.dest]
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if not in_range(item, low, high, brackets):
-                raise UserError(f'{action.option_strings[0]} {_number(item)} is out of range; pass '
-                                f'{describe(low, high, brackets)}')
+        problem = range_problem(action, getattr(args, action.dest, None))
+        if problem:
+            raise UserError(problem)
     if not DEVICE.match(args.device):
         raise UserError(f'--device {args.device} is not a device name; pass auto, cpu, cuda or cuda:N')
+
+
+def range_problem(action, value):
+    """What is wrong with `value` for `action` by FLAG_RANGES and FLAG_LENGTHS, or ''."""
+    if action.dest not in FLAG_RANGES or value is None:
+        return ''
+    flag = action.option_strings[0]
+    low, high, brackets = FLAG_RANGES[action.dest]
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if not in_range(item, low, high, brackets):
+            return f'{flag} {_number(item)} is out of range; pass {describe(low, high, brackets)}'
+    lengths = FLAG_LENGTHS.get(action.dest)
+    if lengths and len(value) not in lengths:
+        counts = ' or '.join(str(n) for n in lengths)
+        return f'{flag} takes {counts} values, not {len(value)}; pass {counts}'
+    return ''

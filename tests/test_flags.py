@@ -142,10 +142,33 @@ def test_config_sets_defaults_and_the_command_line_wins(tmp_path):
     assert main.parse_args(['--config', str(config), '--model-ema']).model_ema is True
 
 
-@pytest.mark.parametrize('text, message', [('warmup_epoch: 3\n', "unknown flag 'warmup_epoch' (did you mean "
-                                                                 "'warmup_epochs'?)"),
-                                           ('- just\n- a list\n', 'is not a mapping'),
-                                           ('model: [unclosed\n', 'cannot be read')])
+@pytest.mark.parametrize('text, message', [
+    ('warmup_epoch: 3\n', "unknown flag 'warmup_epoch' (did you mean 'warmup_epochs'?)"),
+    ('- just\n- a list\n', 'is not a mapping'),
+    ('lr: 1\nmodel: [unclosed\n', 'is not valid YAML at line 3, column 1'),
+    ('lr: 1\n  bad: indent\n', 'is not valid YAML at line 2, column 6'),
+    ('lr: 1\nepochs: 3\nlr: 2\n', "line 3, column 1: the key 'lr' is given twice"),
+    ('batch-size: 16\nbatch_size: 32\n', "'batch_size' sets --batch-size, which another key of the file sets too"),
+    ('three-augment: true\nThreeAugment: false\n', "sets --three-augment, which another key"),
+    ('config: other.yaml\n', 'a recipe cannot name another recipe'),
+    ('data-backend: DALI\n', "data-backend: invalid choice: 'DALI' (choose from 'pil', 'dali')"),
+    ('patch-embed: HMLP\n', "invalid choice: 'HMLP' (choose from 'patch', 'hmlp')"),
+    ('model-ema: "false"\n', "model-ema: 'false' is not true or false; write true or false, unquoted"),
+    ('bce-loss: "false"\n', "bce-loss: 'false' is not true or false"),
+    ('epochs: 1.5\n', "epochs: invalid int value: '1.5'; write a whole number"),
+    ('mixup-mode: foo\n', "invalid choice: 'foo' (choose from 'batch', 'pair', 'elem')"),
+    ('amp: fp32\n', "amp: invalid choice: 'fp32'"),
+    ('data-set: foo\n', "data-set: invalid choice: 'foo'"),
+    ('batch-size: 16.0\n', "batch-size: invalid int value: '16.0'"),
+    ('batch-size: [16]\n', 'batch-size: a list is not what --batch-size takes; write one value'),
+    ('batch-size: null\n', 'batch-size: has no value; give one, or leave the key out for the default 64'),
+    ('seed: 1.5\n', "seed: invalid int value: '1.5'"),
+    ('opt-betas: 0.9\n', 'opt-betas: --opt-betas takes 2 or 3 values, not 1'),
+    ('cutmix-minmax: 0.3\n', 'cutmix-minmax: --cutmix-minmax takes 2 values, not 1'),
+    ('size-schedule: {0: 16}\n', 'size-schedule: a mapping is not what --size-schedule takes'),
+    ('epochs: 0\n', 'epochs: --epochs 0 is out of range; pass a value >= 1'),
+    ('lr: .inf\n', 'lr: --lr inf is out of range'),
+])
 def test_a_bad_config_is_one_line_and_exit_2(tmp_path, capsys, text, message):
     config = tmp_path / 'bad.yaml'
     config.write_text(text)
@@ -153,3 +176,84 @@ def test_a_bad_config_is_one_line_and_exit_2(tmp_path, capsys, text, message):
         main.cli(['-c', str(config)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0]
+
+
+def test_a_config_problem_names_the_file(tmp_path, capsys):
+    config = tmp_path / 'bad.yaml'
+    config.write_text('amp: fp32\n')
+    with pytest.raises(SystemExit):
+        main.cli(['-c', str(config)])
+    assert capsys.readouterr().err.startswith(f'error: --config {config}: amp:')
+
+
+def test_non_utf8_and_two_configs_are_one_line_errors(tmp_path, capsys):
+    config = tmp_path / 'latin1.yaml'
+    config.write_bytes('model: d\xe9it\n'.encode('latin-1'))
+    for argv, message in [(['-c', str(config)], 'is not UTF-8 text (byte 0xe9 at offset 8); save it as UTF-8'),
+                          (['-c', str(config), '--config', str(config)], '-c/--config is given 2 times')]:
+        with pytest.raises(SystemExit) as exit_info:
+            main.cli(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0]
+
+
+def test_config_values_take_the_command_line_path(tmp_path, monkeypatch):
+    monkeypatch.setenv('HOME', str(tmp_path))
+    config = tmp_path / 'r.yaml'
+    config.write_text('data-path: ~/imagenet\nlr: 1e-3\nopt-betas: [0.9, 0.95]\nlayer-scale: null\n'
+                      'no_warmup: true\nThreeAugment: true\ncutmix-minmax: [0.2, 0.8]\n')
+    args = main.parse_args(['-c', '~/r.yaml'])
+    assert args.data_path == str(tmp_path / 'imagenet')
+    assert (args.lr, args.opt_betas, args.layer_scale) == (1e-3, [0.9, 0.95], None)
+    assert (args.warmup, args.ThreeAugment, args.cutmix_minmax) == (False, True, [0.2, 0.8])
+    assert main.parse_args(['-c', str(config), '--warmup', '--no-ThreeAugment']).warmup is True
+
+
+def test_every_switch_can_be_turned_off():
+    parser = main.get_args_parser()
+    for action in parser._actions:
+        if action.nargs == 0 and not isinstance(action, argparse._HelpAction):
+            assert isinstance(action, argparse.BooleanOptionalAction), action.option_strings
+            negative = [o for o in action.option_strings if o.startswith('--no-')]
+            assert negative and getattr(parser.parse_args([negative[0]]), action.dest) is False
+
+
+def other_value(action, value):
+    """A value for `action` that differs from `value`, as command-line words."""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        on = [o for o in action.option_strings if not o.startswith('--no-')][0]
+        off = [o for o in action.option_strings if o.startswith('--no-')][0]
+        return [off if value else on], not value
+    if action.choices:
+        other = [c for c in action.choices if c != value][0]
+        return [action.option_strings[0], other], other
+    if isinstance(value, list):
+        other = list(reversed(value)) + [value[0]] if len(value) == 1 else list(reversed(value))
+        return [action.option_strings[0]] + [str(v) for v in other], other
+    if isinstance(value, (int, float)):
+        return [action.option_strings[0], str(value + 1)], value + 1
+    return [action.option_strings[0], str(value) + 'x'], str(value) + 'x'
+
+
+@pytest.mark.parametrize('recipe', sorted(os.listdir(os.path.join(ROOT, 'configs'))))
+def test_the_command_line_overrides_every_key_of_every_recipe(recipe):
+    import yaml
+    path = os.path.join(ROOT, 'configs', recipe)
+    with open(path) as f:
+        keys = yaml.safe_load(f)
+    parser = main.get_args_parser()
+    from_recipe = main.parse_args(['-c', path])
+    options = {o.lstrip('-').replace('-', '_'): a for a in parser._actions for o in a.option_strings}
+    for key in keys:
+        action = options.get(key) or next(a for a in parser._actions if a.dest == key)
+        words, expected = other_value(action, getattr(from_recipe, action.dest))
+        assert getattr(main.parse_args(['-c', path] + words), action.dest) == expected, (recipe, key, words)
+
+
+def test_a_data_path_wins_over_a_recipe_data_set_without_one(tmp_path, capsys):
+    recipe = os.path.join(ROOT, 'configs', 'digits_dhvt.yaml')
+    args = main.parse_args(['-c', recipe, '--data-path', str(tmp_path)])
+    assert args.data_set is None and args.model == 'dhvt_digits_patch4_16'
+    assert "data_set DIGITS left out" in capsys.readouterr().out
+    assert main.parse_args(['-c', recipe, '--data-path', str(tmp_path), '--data-set', 'DIGITS']).data_set == 'DIGITS'
+    assert main.parse_args(['-c', recipe]).data_set == 'DIGITS'
