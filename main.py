@@ -88,7 +88,7 @@ def resolve_config(args):
     resolve_data_set(args)
     if args.data_backend == 'dali':
         dali_loader.check_flags(args)
-    if args.no_warmup:
+    if not args.warmup:
         args.warmup_epochs = 0
     optimization.scale_lr(args)
     return torch.device(args.device)
@@ -126,11 +126,15 @@ def build_train_state(args, model, model_ema, n_updates, device):
     return state
 
 
+def plan_shape(args, sizes, budget=None):
+    return schedules.RunPlan(optimization.run_epochs(args), args.input_size, args.batch_size, sizes, budget,
+                             args.multisize_batch, args.eval_on_final_size)
+
+
 def build_plan(args, sizes, clock, train_state, n_updates):
     """The run plan; under a budget or --multisize-batch the LR follows the plan's progress, not the update count."""
     budget = schedules.Budget(args.time_budget, clock) if args.time_budget else None
-    plan = schedules.RunPlan(optimization.run_epochs(args), args.input_size, args.batch_size, sizes, budget,
-                             args.multisize_batch, args.eval_on_final_size)
+    plan = plan_shape(args, sizes, budget)
     if budget is not None or args.multisize_batch:
         train_state.lr_scheduler = schedules.ProgressLR(train_state.lr_scheduler, plan.epochs * n_updates,
                                                         plan.lr_progress)
@@ -214,6 +218,8 @@ def main(args):
     utils.end_workers_at_exit()
     device = resolve_config(args)
     sizes = schedules.size_schedule_from_flags(args)
+    if optimization.uses_mixup(args):
+        plan_shape(args, sizes).check_even_batches()
     dataset_train, class_names = build_dataset(True, args, uint8=True)
     dataset_val, _ = build_dataset(False, args, uint8=True)
     report_skipped_files(dataset_train, dataset_val)

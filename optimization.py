@@ -56,8 +56,12 @@ def build_optimizer(args, model, device):
                                momentum=args.momentum, eps=args.opt_eps, filter_bias_and_bn=True, **extra)
 
 
+def uses_mixup(args):
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
 def build_mixup(args):
-    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+    if not uses_mixup(args):
         return None
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,

@@ -119,8 +119,12 @@ def paper_multisize_schedule(init_size, epoch_step, patch_step, final_size):
 
 
 def batch_for_size(batch_size, size, final_size):
-    """--multisize-batch: the same pixels per batch at every size (batch x (final / size)^2, rounded down)."""
-    return max(1, math.floor(batch_size * (final_size / size) ** 2))
+    """--multisize-batch: the same pixels per batch at every size (batch x (final / size)^2, rounded down), and even
+    when batch_size is: Mixup and CutMix pair the images of a batch."""
+    batch = math.floor(batch_size * (final_size / size) ** 2)
+    if batch_size % 2 == 0:
+        batch -= batch % 2
+    return max(batch, 1)
 
 
 class Stage(NamedTuple):
@@ -155,11 +159,27 @@ class RunPlan:
 
     def stage(self, epoch):
         if self.sizes is None:
-            return Stage(self.input_size, self.batch_size, self.input_size)
-        size = self.sizes.size_at(epoch, self.budget.progress() if self.budget else epoch / self.epochs)
-        batch = batch_for_size(self.batch_size, size, self.sizes.final_size) if self.multisize_batch \
-            else self.batch_size
+            return self.stage_at_size(self.input_size)
+        return self.stage_at_size(self.sizes.size_at(epoch, self.budget.progress() if self.budget else
+                                                     epoch / self.epochs))
+
+    def stage_at_size(self, size):
+        batch = batch_for_size(self.batch_size, size, self.sizes.final_size) \
+            if self.multisize_batch and self.sizes is not None else self.batch_size
         return Stage(size, batch, self.input_size if self.eval_on_final_size else size)
+
+    def stages(self):
+        """Every stage of the plan, in order, whether or not the run gets that far."""
+        sizes = [self.input_size] if self.sizes is None else [size for _, size in self.sizes.steps]
+        return [self.stage_at_size(size) for size in sizes]
+
+    def check_even_batches(self):
+        """UserError, before training, when a stage's batch is odd: Mixup and CutMix pair the images of a batch."""
+        for stage in self.stages():
+            if stage.batch % 2:
+                where = '' if stage.batch == self.batch_size else f' (the multi-size stage at {stage.size} px)'
+                raise UserError(f'batch {stage.batch}{where} is odd, and Mixup / CutMix pair the images of a '
+                                'batch; pass an even --batch-size, or --mixup 0 --cutmix 0')
 
 
 def size_schedule_from_flags(args):

@@ -14,12 +14,24 @@ NPROC=${NPROC:-$PAPER_NPROC}
 MAIN=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/main.py
 CONFIGS=$(cd "$(dirname "${BASH_SOURCE[0]}")/../configs" && pwd)
 
+recipe_file() {  # the FILE of "-c FILE" among the arguments
+    while (( $# > 1 )); do
+        [[ "$1" == -c ]] && { echo "$2"; return; }
+        shift
+    done
+}
+
 launch() {
     local global_batch=$1
     shift
     if [[ "${LOCAL:-0}" == 1 ]]; then  # later flags win in argparse: shrink the run, keep the recipe
+        local budget=()
+        if grep -q '^time_budget:' "$(recipe_file "$@")"; then
+            echo "LOCAL=1: --time-budget 0.005 (18 s) in place of the recipe's budget"
+            budget=(--time-budget 0.005)
+        fi
         "${PYTHON:-python}" "$MAIN" "$@" "${EXTRA_FLAGS[@]}" --data-set FAKE --fake-size 64 --batch-size 16 \
-            --input-size 32 --epochs 1 --warmup-epochs 0 --device cpu --num_workers 0 \
+            --input-size 32 --epochs 1 --warmup-epochs 0 --device cpu --num_workers 0 "${budget[@]}" \
             --output_dir ''
         return
     fi

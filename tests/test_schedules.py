@@ -58,6 +58,10 @@ def test_multisize_batch_keeps_pixels_per_batch():
     assert schedules.batch_for_size(64, 224, 224) == 64
     assert schedules.batch_for_size(64, 112, 224) == 256
     assert schedules.batch_for_size(64, 32, 224) == 64 * 49
+    # DeiT-S's budget recipe on 4, 2 and 1 GPUs at its 160 px stage: 501.76, 1003.52, 2007.04 images
+    assert [schedules.batch_for_size(b, 160, 224) for b in (256, 512, 1024)] == [500, 1002, 2006]
+    assert schedules.batch_for_size(16, 128, 224) == 48  # LOCAL=1 of that recipe: 49 before
+    assert schedules.batch_for_size(17, 128, 224) == 52  # an odd batch stays as computed (no Mixup then)
 
 
 def test_budget_keeps_time_for_the_final_evaluation():
@@ -120,3 +124,59 @@ def test_budget_run_ends_on_time_and_resume_keeps_the_clock(tmp_path):
     assert later[-1]['elapsed_seconds'] <= 2 * budget_s + 3.0
     with open(tmp_path / 'log.txt') as f:
         assert sum('config' in json.loads(line) for line in f) == 2  # one header per start
+
+
+def recipe_batches():
+    """(recipe, per-process batch) for 1, 2, 4 and 8 processes: the launcher's global batch over the processes, or the
+    recipe's own batch for a recipe without a launcher."""
+    import os
+    import re
+    from conftest import ROOT
+    for name in sorted(os.listdir(os.path.join(ROOT, 'configs'))):
+        script = os.path.join(ROOT, 'scripts', name.replace('.yaml', '.sh'))
+        if not os.path.exists(script):
+            yield name, None
+            continue
+        with open(script) as f:
+            global_batch = int(re.search(r'^launch (\d+)', f.read(), re.M).group(1))
+        for nproc in (1, 2, 4, 8):
+            if global_batch % nproc == 0:  # the launcher refuses the others
+                yield name, global_batch // nproc
+
+
+@pytest.mark.parametrize('recipe, batch', list(recipe_batches()))
+def test_every_recipe_plans_even_batches_on_1_to_8_processes(recipe, batch):
+    import os
+    import main
+    from conftest import ROOT
+    argv = ['-c', os.path.join(ROOT, 'configs', recipe)] + (['--batch-size', str(batch)] if batch else [])
+    args = main.parse_args(argv)
+    plan = main.plan_shape(args, schedules.size_schedule_from_flags(args))
+    stages = plan.stages()
+    assert stages and all(stage.batch >= args.batch_size for stage in stages)
+    if main.optimization.uses_mixup(args):
+        assert all(stage.batch % 2 == 0 for stage in stages), stages
+    plan.check_even_batches()
+
+
+def test_an_odd_batch_with_mixup_is_refused_at_start(tmp_path):
+    result = run_main(TINY + ['--batch-size', '17', '--mixup', '0.8', '--output_dir', tmp_path / 'out'])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        'error: batch 17 is odd, and Mixup / CutMix pair the images of a batch; pass an even --batch-size, or '
+        '--mixup 0 --cutmix 0']
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('script', ['deit_small_budget.sh', 'vit_24h_1gpu.sh'])
+def test_local_mode_of_a_budget_recipe_runs_a_short_budget(script):
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = dict(os.environ, LOCAL='1', PYTHON=sys.executable, OMP_NUM_THREADS='1')
+    result = subprocess.run(['bash', os.path.join(ROOT, 'scripts', script)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "LOCAL=1: --time-budget 0.005 (18 s) in place of the recipe's budget" in result.stdout
+    assert '| training time 0:00:' in result.stdout
