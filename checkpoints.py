@@ -133,8 +133,10 @@ def renames(saved, state):
 
 
 def adapt_for_finetune(model, state):
-    """Drop a classifier of another class count; resize the position embedding to the model's patch grid."""
+    """Drop a classifier of another class count; match a distillation token; resize the position embedding to the
+    model's patch grid."""
     own = model.state_dict()
+    state = match_distillation_token(own, state)
     for key in [k for k in state if k.startswith(('head.', 'head_dist.'))]:
         if key in own and state[key].shape != own[key].shape:
             utils.log(f'| finetune: dropping {key} {tuple(state[key].shape)} (model has {tuple(own[key].shape)})')
@@ -146,6 +148,25 @@ def adapt_for_finetune(model, state):
         state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=list(new_grid),
                                                     old_size=[old_side, old_side], num_prefix_tokens=prefix)
         utils.log(f'| finetune: position embedding {old_side}x{old_side} -> {new_grid[0]}x{new_grid[1]}')
+    return state
+
+
+def match_distillation_token(own, state):
+    """Fine-tuning between DeiT and distilled DeiT: the file's distillation token (second of the prefix tokens, with its
+    position embedding and head) is dropped for a plain model; a distilled model fed a plain file gets the class
+    token's position embedding for its new token, whose vector and head start afresh."""
+    has_own, has_file = 'dist_token' in own, 'dist_token' in state
+    if has_own == has_file or 'pos_embed' not in state or 'cls_token' not in state:
+        return state
+    pos = state['pos_embed']
+    if has_file:
+        state = {k: v for k, v in state.items() if k != 'dist_token' and not k.startswith('head_dist.')}
+        state['pos_embed'] = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)
+        utils.log('| finetune: dropping the distillation token, its position embedding and head (the model has none)')
+    else:
+        state = dict(state, pos_embed=torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1))
+        utils.log('| finetune: the model\'s distillation token starts afresh, at the class token\'s position '
+                  'embedding')
     return state
 
 

@@ -139,3 +139,34 @@ def test_plain_model_and_teacher_runs_are_left_alone(teacher_file):
     student = model_factory.build_model(args)
     assert not model_factory.train_class_head_only(student, args)
     assert student.head_dist.weight.requires_grad
+
+
+def test_finetune_between_distilled_and_plain_deit(tmp_path, capsys):
+    """DeiT's distilled checkpoints fine-tuned into a plain DeiT (and back): the extra token is dropped or added."""
+    import timm
+    import checkpoints
+    distilled = timm.create_model('deit_micro_distilled_patch2_16', num_classes=10)
+    plain = timm.create_model('deit_micro_patch2_16', num_classes=10)
+    torch.save({'model': distilled.state_dict()}, tmp_path / 'distilled.pth')
+    torch.save({'model': plain.state_dict()}, tmp_path / 'plain.pth')
+    checkpoints.load_weights(plain, str(tmp_path / 'distilled.pth'), 'finetune', finetune=True)
+    pos = distilled.pos_embed.detach()
+    assert torch.equal(plain.pos_embed.detach(), torch.cat([pos[:, :1], pos[:, 2:]], dim=1))
+    assert torch.equal(plain.cls_token, distilled.cls_token)
+    assert 'dropping the distillation token' in capsys.readouterr().out
+    again = timm.create_model('deit_micro_distilled_patch2_16', num_classes=10)
+    _, fresh = checkpoints.load_weights(again, str(tmp_path / 'plain.pth'), 'finetune', finetune=True)
+    assert sorted(fresh) == ['dist_token', 'head_dist.bias', 'head_dist.weight']
+    saved = torch.load(tmp_path / 'plain.pth', weights_only=True)['model']['pos_embed']
+    assert torch.equal(again.pos_embed[:, :2].detach(), saved[:, [0, 0]])
+    assert torch.equal(again.pos_embed[:, 2:].detach(), saved[:, 1:])
+    assert "distillation token starts afresh" in capsys.readouterr().out
+
+
+def test_main_finetunes_a_distilled_checkpoint_into_a_plain_deit_at_another_size(tmp_path):
+    import timm
+    torch.save({'model': timm.create_model('deit_micro_distilled_patch2_16', num_classes=10).state_dict()},
+               tmp_path / 'distilled.pth')
+    result = run_main(TINY + ['--finetune', tmp_path / 'distilled.pth', '--epochs', '1'])
+    assert result.returncode == 0, result.stderr
+    assert 'dropping the distillation token' in result.stdout and 'position embedding 8x8 -> 4x4' in result.stdout
