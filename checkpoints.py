@@ -214,6 +214,10 @@ class CheckpointWriter:
     def __init__(self, args, model, train_state, model_ema, class_names, clock, max_accuracy=0.0):
         self.args, self.model, self.state, self.ema, self.class_names = args, model, train_state, model_ema, class_names
         self.clock, self.best = clock, max_accuracy
+        best_path = os.path.join(args.output_dir, BEST_CHECKPOINT) if args.output_dir else ''
+        if max_accuracy > 0 and best_path and utils.is_main_process() and not os.path.isfile(best_path):
+            utils.log(f'| {best_path} is missing: the best accuracy starts again from 0 so that it is rewritten')
+            self.best = 0.0
         self.last = {}  # where the last mid-epoch checkpoint was taken: updates done, metric sums, signalled
 
     def save_mid_epoch(self, epoch, done, metrics, signalled):
@@ -223,14 +227,20 @@ class CheckpointWriter:
 
     def save_epoch_end(self, epoch, acc1, stopped):
         """Checkpoint after an epoch's evaluation (or where the budget stopped it), and best_checkpoint.pth when
-        `acc1` is the best so far. Returns the best accuracy."""
+        `acc1` is the best so far. Returns the best accuracy that a file holds.
+
+        The best file is written first, and the max accuracy that checkpoint.pth records is only ever one that
+        best_checkpoint.pth holds: a kill at any point, or a failed best write, leaves the resumed run a max it
+        will beat again rather than a max no file holds."""
         is_best = acc1 > self.best
-        self.best = max(self.best, acc1)
         if stopped:
-            ckpt = self.build(epoch - 1, self.last['done'], self.best, self.last['metrics'])
+            ckpt = self.build(epoch - 1, self.last['done'], max(self.best, acc1), self.last['metrics'])
         else:
-            ckpt = self.build(epoch, 0, self.best)
-        self.write(ckpt, CHECKPOINT, *([BEST_CHECKPOINT] if is_best else []))
+            ckpt = self.build(epoch, 0, max(self.best, acc1))
+        if is_best and self.write(ckpt, BEST_CHECKPOINT):
+            self.best = acc1
+        ckpt['max_accuracy'] = self.best
+        self.write(ckpt, CHECKPOINT)
         return self.best
 
     def build(self, epoch, step_in_epoch, max_accuracy, epoch_metrics=None):
@@ -245,15 +255,17 @@ class CheckpointWriter:
             ckpt['model_ema'] = self.ema.module.state_dict()
         return ckpt
 
-    def write(self, ckpt, *names):
+    def write(self, ckpt, name):
+        """Write ckpt as output_dir/name on rank 0; False when the write failed (and --on-save-error continue)."""
         if not self.args.output_dir or not utils.is_main_process():
-            return
-        for name in names:
-            path = os.path.join(self.args.output_dir, name)
-            try:
-                utils.save_checkpoint(ckpt, path)
-            except OSError as e:
-                message = f'could not write {path} ({e.strerror or e}); the previous checkpoint is kept'
-                if self.args.on_save_error == 'stop':
-                    raise UserError(message + '; free space or fix permissions, then run again to resume') from e
-                print(f'| warning: {message}', flush=True)
+            return True
+        path = os.path.join(self.args.output_dir, name)
+        try:
+            utils.save_checkpoint(ckpt, path)
+        except OSError as e:
+            message = f'could not write {path} ({e.strerror or e}); the previous checkpoint is kept'
+            if self.args.on_save_error == 'stop':
+                raise UserError(message + '; free space or fix permissions, then run again to resume') from e
+            print(f'| warning: {message}', flush=True)
+            return False
+        return True

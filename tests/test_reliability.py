@@ -324,3 +324,93 @@ def test_two_process_run_survives_sigterm_to_one_rank(tmp_path):
     assert result.returncode == 0, result.stderr
     assert 'resumed from' in result.stdout
     assert load(tmp_path / 'checkpoint.pth')['epoch'] == 1
+
+
+class Killed(BaseException):
+    """Stands for kill -9: the process stops here, and the disk keeps what was written so far."""
+
+
+def tiny_writer(out, max_accuracy=0.0, on_save_error='continue'):
+    import argparse
+    import engine
+    import schedules
+    from checkpoints import CheckpointWriter
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = engine.TrainState(optimizer=optimizer, lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
+                              scaler=torch.amp.GradScaler('cpu', enabled=False))
+    args = argparse.Namespace(output_dir=str(out), on_save_error=on_save_error)
+    return CheckpointWriter(args, model, state, None, ['a', 'b'], schedules.Clock(), max_accuracy=max_accuracy)
+
+
+# The file-system steps of one save, counted by kill_at: the file's fsync, the rename, the folder's fsync.
+STEPS_PER_SAVE = 3
+
+
+def kill_at(monkeypatch, point):
+    """Patch os.fsync / os.replace so that the point-th call of either (1-based) kills the 'process'."""
+    calls = []
+    for name in ('fsync', 'replace'):
+        real = getattr(os, name)
+
+        def step(*a, _real=real):
+            calls.append(None)
+            if len(calls) == point:
+                raise Killed
+            return _real(*a)
+        monkeypatch.setattr(os, name, step)
+
+
+def best_invariant(out):
+    """A file holding the max accuracy that checkpoint.pth records always exists."""
+    ckpt = load(out / 'checkpoint.pth')
+    if ckpt['max_accuracy'] > 0:
+        assert load(out / 'best_checkpoint.pth')['max_accuracy'] >= ckpt['max_accuracy']
+    return ckpt['max_accuracy']
+
+
+@pytest.mark.parametrize('point', range(1, 2 * STEPS_PER_SAVE + 1))
+def test_the_best_accuracy_is_in_a_file_after_a_kill_at_any_point_of_the_save(tmp_path, monkeypatch, point):
+    tiny_writer(tmp_path).save_epoch_end(0, 10.0, stopped=False)  # epoch 0: best 10%
+    with monkeypatch.context() as patch:
+        kill_at(patch, point)
+        with pytest.raises(Killed):
+            tiny_writer(tmp_path, 10.0).save_epoch_end(1, 20.0, stopped=False)  # epoch 1: best 20%, killed
+    saved_max = best_invariant(tmp_path)
+    resumed = tiny_writer(tmp_path, saved_max)  # the resumed run evaluates epoch 1 again (or it was saved)
+    if load(tmp_path / 'checkpoint.pth')['epoch'] == 0:
+        resumed.save_epoch_end(1, 20.0, stopped=False)
+    assert best_invariant(tmp_path) == 20.0
+    assert load(tmp_path / 'best_checkpoint.pth')['max_accuracy'] == 20.0
+
+
+def test_a_failed_best_write_is_retried_until_a_file_holds_the_max(tmp_path, monkeypatch, capsys):
+    writer = tiny_writer(tmp_path)
+    writer.save_epoch_end(0, 10.0, stopped=False)
+    real = utils_module().save_checkpoint
+
+    def best_fails(obj, path):
+        if path.endswith('best_checkpoint.pth'):
+            raise OSError(28, 'No space left on device')
+        return real(obj, path)
+    with monkeypatch.context() as patch:
+        patch.setattr(utils_module(), 'save_checkpoint', best_fails)
+        assert writer.save_epoch_end(1, 20.0, stopped=False) == 10.0
+    assert 'warning: could not write' in capsys.readouterr().out
+    assert best_invariant(tmp_path) == 10.0
+    assert writer.save_epoch_end(2, 15.0, stopped=False) == 15.0  # beats the max a file holds: written
+    assert load(tmp_path / 'best_checkpoint.pth')['max_accuracy'] == 15.0
+
+
+def test_a_missing_best_file_is_written_again_after_resume(tmp_path, capsys):
+    tiny_writer(tmp_path).save_epoch_end(0, 10.0, stopped=False)
+    os.remove(tmp_path / 'best_checkpoint.pth')
+    resumed = tiny_writer(tmp_path, 10.0)
+    assert 'is missing' in capsys.readouterr().out
+    resumed.save_epoch_end(1, 5.0, stopped=False)
+    assert load(tmp_path / 'best_checkpoint.pth')['max_accuracy'] == 5.0
+
+
+def utils_module():
+    import utils
+    return utils
