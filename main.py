@@ -150,6 +150,28 @@ def check_something_to_do(args, resume_path):
                         '--output_dir that holds checkpoint.pth, --finetune FILE or --pretrained')
 
 
+def lock_output_dir(args, device):
+    """One run per output folder: rank 0 holds its lock from before the checkpoint is read until the run ends; every
+    rank stops when it cannot. A folder not made yet is locked when prepare_output_dir makes it."""
+    holder = ''
+    if args.output_dir and not args.eval and utils.is_main_process() and os.path.isdir(args.output_dir):
+        holder = take_lock(args.output_dir)
+    if utils.any_rank([bool(holder)], device)[0]:
+        raise UserError(f'--output_dir {args.output_dir} is in use by another run ({holder or "see rank 0"}); wait '
+                        'for it to end, or pass another --output_dir')
+
+
+def take_lock(folder):
+    """'' when this process holds the folder's lock (or the file system has no locks, said in a warning), else who
+    holds it."""
+    holder = utils.lock_folder(folder)
+    if holder == 'unsupported':
+        print(f'| warning: {folder} cannot be locked (its file system has no locks); make sure no other run '
+              'writes there', flush=True)
+        return ''
+    return holder
+
+
 def prepare_output_dir(args):
     if not args.output_dir or not utils.is_main_process():
         return
@@ -158,6 +180,10 @@ def prepare_output_dir(args):
     except OSError as e:
         raise UserError(f'--output_dir {args.output_dir} cannot be created ({e.strerror}); pass a folder you can '
                         'write to') from e
+    holder = take_lock(args.output_dir)
+    if holder:
+        raise UserError(f'--output_dir {args.output_dir} is in use by another run ({holder}); wait for it to end, '
+                        'or pass another --output_dir')
     utils.remove_stale_temp_files(args.output_dir, (CHECKPOINT, BEST_CHECKPOINT))
 
 
@@ -217,6 +243,7 @@ def main(args):
     check_output_dir(args.output_dir)
     utils.end_workers_at_exit()
     device = resolve_config(args)
+    lock_output_dir(args, device)
     sizes = schedules.size_schedule_from_flags(args)
     if optimization.uses_mixup(args):
         plan_shape(args, sizes).check_even_batches()
@@ -385,6 +412,7 @@ def cli(argv=None):
         sys.exit(130)
     finally:
         utils.end_workers()  # before exit: a worker still reading would keep the process from ending
+        utils.release_folder_locks()
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()
 

@@ -2,12 +2,15 @@
 import argparse
 import atexit
 import datetime
+import errno
+import fcntl
 import json
 import multiprocessing
 import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -244,11 +247,58 @@ def save_checkpoint(obj, path):
 
 def remove_stale_temp_files(folder, names):
     """Delete the temporary files save_checkpoint() made for `names` that a killed process left behind: regular files
-    named exactly '.NAME.tmp.PID', nothing else."""
-    pattern = re.compile('|'.join(rf'\.{re.escape(name)}\.tmp\.\d+' for name in names))
+    named exactly '.NAME.tmp.PID' whose process is gone, nothing else."""
+    pattern = re.compile('|'.join(rf'\.{re.escape(name)}\.tmp\.(\d+)' for name in names))
     for entry in os.scandir(folder):
-        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-            os.remove(entry.path)
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_file(follow_symlinks=False):
+            pid = int(next(group for group in match.groups() if group))
+            if not process_exists(pid):
+                os.remove(entry.path)
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+LOCK_FILE = '.lock'
+_held_locks = {}  # lock path -> open descriptor: POSIX locks last while the process keeps the file open
+
+
+def lock_folder(folder):
+    """Hold a POSIX lock on folder/.lock for the life of this process, so that one run at a time writes there.
+
+    A POSIX (fcntl) lock belongs to the process: the kernel drops it when the process ends, kill -9 included, and
+    forked DataLoader workers do not inherit it. Returns '' when held; the holder's 'pid P on host H' when another
+    process holds it; 'unsupported' when the file system has no locks."""
+    path = os.path.join(folder, LOCK_FILE)
+    if path in _held_locks:
+        return ''
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 200, 0).decode(errors='replace').strip()
+        os.close(fd)
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return holder or 'another process'
+        return 'unsupported'
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'pid {os.getpid()} on host {socket.gethostname()}\n'.encode(), 0)
+    _held_locks[path] = fd
+    return ''
+
+
+def release_folder_locks():
+    """Let go of every lock_folder() lock (the end of a run called in-process; a process's end does it anyway)."""
+    while _held_locks:
+        os.close(_held_locks.popitem()[1])
 
 
 def load_checkpoint(path, map_location='cpu'):

@@ -66,10 +66,13 @@ def read_log(output_dir):
 
 
 def snapshot(folder):
-    """{relative path: file bytes} of everything under folder ({} when it does not exist)."""
+    """{relative path: file bytes} of everything under folder ({} when it does not exist), but the run lock: a run
+    refused after it took the lock leaves its pid there, which is no file of the user's."""
     files = {}
     for dirpath, _, names in os.walk(folder):
         for name in names:
+            if name == '.lock' and dirpath == str(folder):
+                continue
             path = os.path.join(dirpath, name)
             with open(path, 'rb') as f:
                 files[os.path.relpath(path, folder)] = f.read()

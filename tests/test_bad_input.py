@@ -227,15 +227,20 @@ def test_output_dir_that_is_or_lies_under_a_file(tmp_path, capsys):
 
 # ---------------------------------------------------------------- the user's files and checkpoints not ours
 
-def test_only_our_own_temporaries_are_cleaned(tmp_path):
+def test_only_our_own_temporaries_of_ended_processes_are_cleaned(tmp_path):
+    import subprocess
+    ended = subprocess.Popen(['true'])
+    ended.wait()
     out = tmp_path / 'o'
     out.mkdir()
     (out / '.notes.tmp.txt').write_text('keep me')
     (out / '.checkpoint.pth.tmp.folder').mkdir()
-    (out / '.checkpoint.pth.tmp.123').write_bytes(b'half a checkpoint')
-    (out / '.best_checkpoint.pth.tmp.9').write_bytes(b'half a checkpoint')
+    (out / f'.checkpoint.pth.tmp.{ended.pid}').write_bytes(b'half a checkpoint')
+    (out / f'.best_checkpoint.pth.tmp.{ended.pid}').write_bytes(b'half a checkpoint')
+    (out / f'.checkpoint.pth.tmp.{os.getpid()}').write_bytes(b'a live process writing')
     utils.remove_stale_temp_files(str(out), (checkpoints.CHECKPOINT, checkpoints.BEST_CHECKPOINT))
-    assert sorted(os.listdir(out)) == ['.checkpoint.pth.tmp.folder', '.notes.tmp.txt']
+    assert sorted(os.listdir(out)) == [f'.checkpoint.pth.tmp.{os.getpid()}', '.checkpoint.pth.tmp.folder',
+                                       '.notes.tmp.txt']
 
 
 @pytest.mark.parametrize('content', [[1, 2], torch.ones(3), {'model': None, 'epoch': 0},

@@ -414,3 +414,48 @@ def test_a_missing_best_file_is_written_again_after_resume(tmp_path, capsys):
 def utils_module():
     import utils
     return utils
+
+
+def test_a_second_run_on_a_live_output_dir_is_refused(tmp_path):
+    import socket
+    args = TINY + ['--output_dir', tmp_path, '--epochs', '3', '--print-freq', '1']
+    first = start_training(args)
+    assert wait_for_progress_lines(first, 2)
+    second = run_main(args)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f'error: --output_dir {tmp_path} is in use by another run (pid {first.pid} on host {socket.gethostname()}); '
+        'wait for it to end, or pass another --output_dir']
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    headers, epochs = read_log(tmp_path)
+    assert len(headers) == 1 and [e['epoch'] for e in epochs] == [0, 1, 2]
+    assert run_main(args + ['--epochs', '4']).returncode == 0  # the lock ended with its run
+
+
+def test_a_run_killed_with_9_leaves_no_lock_behind(tmp_path):
+    args = TINY + ['--output_dir', tmp_path, '--epochs', '3', '--print-freq', '1', '--num_workers', '2',
+                   '--save-every', '2']
+    first = start_training(args)
+    assert wait_for_progress_lines(first, 4)
+    first.kill()
+    first.wait()
+    result = run_main(args)
+    assert result.returncode == 0, result.stderr
+    assert 'resumed from' in result.stdout
+
+
+def test_under_torchrun_every_rank_stops_when_the_output_dir_is_in_use(tmp_path):
+    import socket
+    import utils
+    utils.lock_folder(str(tmp_path))  # this test process stands for the live run
+    try:
+        port = 29000 + (os.getpid() + 7) % 1000
+        launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}']
+        result = run_main(TINY + ['--output_dir', tmp_path, '--batch-size', '8'], launcher=launcher)
+    finally:
+        utils.release_folder_locks()
+    assert result.returncode != 0
+    assert (f'error: --output_dir {tmp_path} is in use by another run (pid {os.getpid()} on host '
+            f'{socket.gethostname()})') in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ['.lock']
