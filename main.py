@@ -210,23 +210,47 @@ def print_run_line(args, model, n_parameters, dataset_train, dataset_val, budget
 # ---------------------------------------------------------------- logging
 
 def start_log(args, resumed_from):
+    """log.txt's header and the TensorBoard writer (rank 0 with an output_dir, else None). A torn last line that a
+    crash left is cut off first; a log that cannot be written at the start is a UserError."""
     if not args.output_dir or not utils.is_main_process():
         return None
+    path = os.path.join(args.output_dir, 'log.txt')
     header = {'config': dict(vars(args)), 'git': utils.git_hash(), 'versions': utils.library_versions(),
               'resumed_from': resumed_from or None, 'recipe': args.config or None, 'command': ' '.join(sys.argv)}
-    utils.append_json_line(os.path.join(args.output_dir, 'log.txt'), header)
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(os.path.join(args.output_dir, 'tb'), purge_step=args.start_epoch)
+    try:
+        torn = utils.cut_torn_last_line(path)
+        utils.append_json_line(path, header)
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(os.path.join(args.output_dir, 'tb'), purge_step=args.start_epoch)
+    except OSError as e:
+        raise UserError(f'cannot write the run log in {args.output_dir} ({e.strerror or e}); free space or fix '
+                        'permissions, then run again') from e
+    if torn:
+        print(f'| {path}: cut off a torn last line ({torn} bytes) that an interrupted write left', flush=True)
+    return RunLog(path, tb)
 
 
-def log_epoch(args, writer, stats):
-    if writer is None:
-        return
-    utils.append_json_line(os.path.join(args.output_dir, 'log.txt'), stats)
-    for key, value in stats.items():
-        if key != 'epoch' and isinstance(value, (int, float)):
-            writer.add_scalar(key, value, stats['epoch'])
-    writer.flush()
+class RunLog:
+    """The epoch lines of log.txt and TensorBoard. A write that fails (a full disk) is a warning and the run goes on:
+    the checkpoints matter more, and log.txt keeps whole lines only."""
+
+    def __init__(self, path, tb):
+        self.path, self.tb = path, tb
+
+    def epoch(self, stats):
+        try:
+            utils.append_json_line(self.path, stats)
+        except OSError as e:
+            print(f'| warning: could not add epoch {stats["epoch"]} to {self.path} ({e.strerror or e}); training goes '
+                  'on', flush=True)
+        try:
+            for key, value in stats.items():
+                if key != 'epoch' and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, stats['epoch'])
+            self.tb.flush()
+        except OSError as e:
+            print(f'| warning: could not write epoch {stats["epoch"]} to TensorBoard ({e.strerror or e}); training '
+                  'goes on', flush=True)
 
 
 def report_skipped_files(*splits):
@@ -275,7 +299,7 @@ def main(args):
         save_keep_masks(args, model, dataset_val, device, class_names)
         return
     prepare_output_dir(args)
-    tb_writer = start_log(args, resume_path)
+    run_log = start_log(args, resume_path)
     clock = schedules.Clock(offset=start[4])
     plan = build_plan(args, sizes, clock, train_state, n_updates)
     writer = CheckpointWriter(args, model, train_state, model_ema, class_names, clock, max_accuracy=start[2])
@@ -290,7 +314,7 @@ def main(args):
         return
     train_model = wrap_for_training(args, model, device)
     loops = Loops(train_model, model, model_ema, criterion, train_state, eval_kwargs, n_parameters)
-    stopped = train(args, plan, loops, writer, (dataset_train, dataset_val, loader_val), start, tb_writer)
+    stopped = train(args, plan, loops, writer, (dataset_train, dataset_val, loader_val), start, run_log)
     if stopped:
         return
     utils.log(f'| training time {utils.format_seconds(clock.elapsed())}; max accuracy {writer.best:.2f}%')
@@ -315,7 +339,7 @@ class Loops(NamedTuple):
     n_parameters: int
 
 
-def train(args, plan, loops, writer, data, start, tb_writer):
+def train(args, plan, loops, writer, data, start, run_log):
     """The epoch loop, from `start` until the plan is over. Returns True when a stop signal ended it."""
     dataset_train, dataset_val, loader_val = data
     epoch, step, _, metrics, _ = start
@@ -338,7 +362,8 @@ def train(args, plan, loops, writer, data, start, tb_writer):
             return True
         finish = utils.Timer()
         stats = evaluate_and_save(args, loops, loader_val, writer, epoch, stopped)
-        log_epoch(args, tb_writer, epoch_stats(stats, train_stats, loops, timer, writer.clock, stage))
+        if run_log is not None:
+            run_log.epoch(epoch_stats(stats, train_stats, loops, timer, writer.clock, stage))
         if plan.budget is not None:
             plan.budget.note_finish_cost(finish.elapsed())
             if stopped:

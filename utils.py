@@ -453,9 +453,44 @@ def read_log(path):
 
 
 def append_json_line(path, obj):
-    with open(path, 'a') as f:
-        f.write(json.dumps(obj) + '\n')
-        f.flush()
+    """Append obj as one JSON line, whole or not at all: a write that fails part-way (a full disk) is cut back off
+    before the OSError goes on."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            write_all(fd, (json.dumps(obj) + '\n').encode())
+        except OSError:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass  # the torn line is cut at the next start (cut_torn_last_line); readers skip it meanwhile
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def cut_torn_last_line(path):
+    """Cut a last line without its newline (a write a crash interrupted) off the file; returns the bytes cut."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, 'rb+') as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+        if tail.endswith(b'\n'):
+            return 0
+        keep = size - len(tail) + tail.rfind(b'\n') + 1
+        f.truncate(keep)
+        return size - keep
 
 
 class Timer:

@@ -459,3 +459,78 @@ def test_under_torchrun_every_rank_stops_when_the_output_dir_is_in_use(tmp_path)
     assert (f'error: --output_dir {tmp_path} is in use by another run (pid {os.getpid()} on host '
             f'{socket.gethostname()})') in result.stderr
     assert sorted(os.listdir(tmp_path)) == ['.lock']
+
+
+def enospc_after(monkeypatch, calls_ok, partial=True):
+    """utils.write_all writes its first `calls_ok` lines, then half of the next one before ENOSPC, as a full disk
+    does."""
+    import utils
+    real, seen = utils.write_all, []
+
+    def full_disk(fd, data):
+        seen.append(None)
+        if len(seen) <= calls_ok:
+            return real(fd, data)
+        if partial:
+            real(fd, data[:len(data) // 2])
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(utils, 'write_all', full_disk)
+
+
+def run_cli(argv, capsys):
+    import main
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        main.cli([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_a_full_disk_during_the_run_is_a_warning_and_the_log_keeps_whole_lines(tmp_path, monkeypatch, capsys):
+    enospc_after(monkeypatch, 2)  # the header and epoch 0's line, then the disk is full
+    code, out, err = run_cli(TINY + ['--output_dir', tmp_path, '--epochs', '3'], capsys)
+    assert code == 0, err
+    assert out.count('| warning: could not add epoch') == 2 and 'No space left on device' in out
+    lines = (tmp_path / 'log.txt').read_bytes().split(b'\n')
+    assert lines[-1] == b'' and len(lines) == 3  # header, epoch 0, and the newline that ends it
+    assert load(tmp_path / 'checkpoint.pth')['epoch'] == 2
+
+
+def test_a_full_disk_at_the_start_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    enospc_after(monkeypatch, 0)
+    code, _, err = run_cli(TINY + ['--output_dir', tmp_path], capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [f'error: cannot write the run log in {tmp_path} (No space left on device); '
+                                        'free space or fix permissions, then run again']
+    assert (tmp_path / 'log.txt').read_bytes() == b''
+
+
+def test_a_torn_last_line_is_cut_on_resume(tmp_path, capsys):
+    args = TINY + ['--output_dir', tmp_path, '--epochs', '1']
+    assert run_cli(args, capsys)[0] == 0
+    with open(tmp_path / 'log.txt', 'ab') as f:
+        f.write(b'{"train_lr": 0.001, "train_lo')  # a crash in the middle of a write
+    code, out, err = run_cli(TINY + ['--output_dir', tmp_path, '--epochs', '2'], capsys)
+    assert code == 0, err
+    assert 'cut off a torn last line (29 bytes)' in out
+    import json
+    entries = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
+    assert ['config' in e for e in entries] == [True, False, True, False]
+
+
+def test_a_tensorboard_write_that_fails_is_a_warning(tmp_path, monkeypatch, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(SummaryWriter, 'flush', full_disk)
+    code, out, err = run_cli(TINY + ['--output_dir', tmp_path], capsys)
+    assert code == 0, err
+    assert out.count('| warning: could not write epoch') == 2
+    assert len(read_log(tmp_path)[1]) == 2
