@@ -1,5 +1,6 @@
 """build_dataset(): the datasets behind --data-set; build_transform(): DeiT, 3-Augment and small-image pipelines."""
 import json
+import math
 import os
 import random
 
@@ -336,7 +337,10 @@ class ReducedDecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
         decoded = img.decode(reduction)
         if decoded.size == (width, height):
             return F.resized_crop(decoded, i, j, h, w, self.size, interpolation)
-        sx, sy = decoded.width / width, decoded.height / height
+        if decoded.size == (math.ceil(width / reduction), math.ceil(height / reduction)):
+            sx = sy = 1 / reduction  # libjpeg's 1/k decode: pixel x of the reduced image covers x*k .. x*k + k
+        else:
+            sx, sy = decoded.width / width, decoded.height / height
         return decoded.resize(self.size[::-1], F.pil_modes_mapping[interpolation],
                               box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
 
