@@ -138,20 +138,23 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopSignal:
-    """First SIGTERM / SIGUSR1 / SIGINT (Ctrl-C): checkpoint at the next step boundary and exit cleanly. Second:
-    exit at once."""
+    """First SIGTERM / SIGUSR1 / SIGINT (Ctrl-C): checkpoint at the next step boundary and exit cleanly. A signal
+    within `window` seconds of the first is the same request: `timeout`, torchrun and job schedulers forward the
+    signal the terminal or the scheduler already sent to the whole process group. A later one: exit at once."""
 
-    def __init__(self, signals=STOP_SIGNALS):
-        self.requested = False
+    def __init__(self, signals=STOP_SIGNALS, window=2.0):
+        self.requested, self.window, self.first = False, window, None
         for sig in signals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if self.requested and time.monotonic() - self.first < self.window:
+            return
         if self.requested:
             print(f'| second {name}: exiting now', flush=True)
             os._exit(128 + signum)
-        self.requested = True
+        self.requested, self.first = True, time.monotonic()
         print(f'| {name}: will checkpoint at the next step and exit', flush=True)
 
 

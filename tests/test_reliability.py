@@ -534,3 +534,38 @@ def test_a_tensorboard_write_that_fails_is_a_warning(tmp_path, monkeypatch, caps
     assert code == 0, err
     assert out.count('| warning: could not write epoch') == 2
     assert len(read_log(tmp_path)[1]) == 2
+
+
+def test_a_signal_forwarded_by_a_wrapper_is_the_same_stop_request(tmp_path):
+    """Ctrl-C under `timeout`: the terminal's SIGINT reaches both, and timeout forwards its own to main.py."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    for attempt in range(3):
+        out = tmp_path / str(attempt)
+        cmd = ['timeout', '600', sys.executable, os.path.join(ROOT, 'main.py')] + \
+            [str(a) for a in TINY + ['--output_dir', out, '--epochs', '5', '--print-freq', '1']]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        assert wait_for_progress_lines(proc, 3)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        rest = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0, rest
+        assert 'exiting now' not in rest and 'checkpoint saved' in rest
+        assert load(out / 'checkpoint.pth')['step_in_epoch'] > 0
+
+
+def test_a_second_signal_after_the_window_exits_at_once():
+    child = ('import os, signal, sys, time\n'
+             f'sys.path.insert(0, {ROOT!r})\n'
+             'import utils\n'
+             'stop = utils.StopSignal(window=0.2)\n'
+             'os.kill(os.getpid(), signal.SIGTERM)\n'
+             'os.kill(os.getpid(), signal.SIGTERM)\n'
+             'assert stop.requested\n'
+             'print("one request", flush=True)\n'
+             'time.sleep(0.3)\n'
+             'os.kill(os.getpid(), signal.SIGINT)\n'
+             'time.sleep(5)\n')
+    result = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 128 + signal.SIGINT
+    assert result.stdout.splitlines() == ['| SIGTERM: will checkpoint at the next step and exit', 'one request',
+                                          '| second SIGINT: exiting now']
