@@ -40,6 +40,10 @@ launch() {
         exit 2
     fi
     echo "output dir: $OUTPUT_DIR"
-    torchrun --nproc_per_node="$NPROC" "$MAIN" "$@" --batch-size $((global_batch / NPROC)) \
+    # scripts/torchrun.py is torchrun that leaves Ctrl-C / SIGTERM to the workers (one line, exit 0); TORCHRUN=torchrun
+    # for the plain one
+    local launcher=("${PYTHON:-python}" "$(dirname "$MAIN")/scripts/torchrun.py")
+    [[ -n "${TORCHRUN:-}" ]] && launcher=("$TORCHRUN")
+    "${launcher[@]}" --nproc_per_node="$NPROC" "$MAIN" "$@" --batch-size $((global_batch / NPROC)) \
         --output_dir "$OUTPUT_DIR" "${EXTRA_FLAGS[@]}"
 }

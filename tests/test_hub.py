@@ -185,7 +185,8 @@ def launched_args(recipe, tmp_path, nproc=None):
     fake_bin.mkdir(exist_ok=True)
     (fake_bin / 'torchrun').write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
     (fake_bin / 'torchrun').chmod(0o755)
-    env = dict(os.environ, PATH=f'{fake_bin}{os.pathsep}{os.environ["PATH"]}', ARGS_OUT=str(tmp_path / 'argv'))
+    env = dict(os.environ, PATH=f'{fake_bin}{os.pathsep}{os.environ["PATH"]}', ARGS_OUT=str(tmp_path / 'argv'),
+               TORCHRUN='torchrun')
     env.pop('LOCAL', None)
     if nproc:
         env['NPROC'] = str(nproc)
@@ -206,3 +207,15 @@ def test_recipe_command_parses_with_main_and_keeps_the_global_batch(recipe, tmp_
     assert (args.data_path, args.output_dir, args.seed) == ('/data/set', '/runs/out', 7)
     first_args = main.parse_args(first[2:], main.get_args_parser())
     assert args.batch_size == first_args.batch_size * paper_nproc
+
+
+def test_recipes_launch_through_scripts_torchrun_by_default(tmp_path):
+    fake_python = tmp_path / 'python'
+    fake_python.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    fake_python.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake_python), ARGS_OUT=str(tmp_path / 'argv'))
+    env.pop('TORCHRUN', None)
+    env.pop('LOCAL', None)
+    subprocess.run(['bash', RECIPES[0], '/data/set', '/runs/out'], env=env, check=True, capture_output=True)
+    argv = (tmp_path / 'argv').read_text().splitlines()
+    assert argv[0] == os.path.join(ROOT, 'scripts', 'torchrun.py') and argv[1].startswith('--nproc_per_node=')

@@ -569,3 +569,27 @@ def test_a_second_signal_after_the_window_exits_at_once():
     assert result.returncode == 128 + signal.SIGINT
     assert result.stdout.splitlines() == ['| SIGTERM: will checkpoint at the next step and exit', 'one request',
                                           '| second SIGINT: exiting now']
+
+
+@pytest.mark.parametrize('how', ['ctrl-c', 'sigterm-to-torchrun'])
+def test_scripts_torchrun_ends_a_stop_with_one_line_and_exit_0(tmp_path, how):
+    port = 29000 + (os.getpid() + 13) % 1000
+    args = TINY + ['--output_dir', tmp_path, '--batch-size', '8', '--epochs', '5', '--print-freq', '1']
+    cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'torchrun.py'), '--nproc_per_node=2',
+           f'--master_port={port}', os.path.join(ROOT, 'main.py')] + [str(a) for a in args]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    assert wait_for_progress_lines(proc, 3)
+    if how == 'ctrl-c':
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal signals the agent and its workers
+    else:
+        proc.send_signal(signal.SIGTERM)  # the agent alone: it forwards the signal
+    rest = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, rest
+    assert 'Traceback' not in rest and 'checkpoint saved' in rest
+    assert load(tmp_path / 'checkpoint.pth')['step_in_epoch'] > 0
+    result = run_main(args, launcher=[sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                                      f'--master_port={port + 1}'])
+    assert result.returncode == 0, result.stderr
+    assert 'resumed from' in result.stdout
