@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from datasets import auto_augment_policy
+from datasets import auto_augment_policy, preprocessing
 from utils import UserError
 
 DATA_SETS = ('IMNET', 'FOLDER', 'LIST', 'INAT18', 'INAT19')  # data sets whose samples are (image file, label)
@@ -163,8 +163,8 @@ def train_pipeline(args):
 
 
 def eval_pipeline(args):
-    """DeiT's evaluation transform: bicubic resize of the short side to size / --eval-crop-ratio and a center crop
-    (a resize to size x size at 32 px and below), HWC -> CHW."""
+    """DeiT's evaluation transform: resize (--interpolation) of the short side to size / --eval-crop-ratio and a
+    center crop (a resize to size x size at 32 px and below), HWC -> CHW."""
     from nvidia.dali import fn, pipeline_def, types
     size = args.input_size
 
@@ -174,8 +174,9 @@ def eval_pipeline(args):
         decoder, op = ('mixed', 'gpu') if on_gpu else ('cpu', 'cpu')
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
         if size > 32:
-            images = fn.resize(images, device=op, resize_shorter=int(size / args.eval_crop_ratio),
-                               interp_type=types.INTERP_CUBIC, antialias=True)
+            images = fn.resize(images, device=op, resize_shorter=int(size / preprocessing(args, 'eval_crop_ratio')),
+                               interp_type=getattr(types, INTERPOLATIONS[preprocessing(args, 'interpolation')]),
+                               antialias=True)
             images = fn.crop(images, device=op, crop=(size, size))
         else:
             images = fn.resize(images, device=op, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True)

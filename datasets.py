@@ -285,6 +285,39 @@ def _fake(is_train, args, transform):
     return dataset, [str(i) for i in range(args.fake_classes)]
 
 
+# ---------------------------------------------------------------- preprocessing: what the weights expect
+
+# dest -> (timm pretrained cfg key, the value when nothing says otherwise: DeiT's)
+PREPROCESSING = {'mean': ('mean', IMAGENET_DEFAULT_MEAN), 'std': ('std', IMAGENET_DEFAULT_STD),
+                 'eval_crop_ratio': ('crop_pct', 0.875), 'interpolation': ('interpolation', 'bicubic')}
+
+
+def preprocessing(args, key):
+    """A resolved preprocessing value (resolve_preprocessing), or DeiT's where it was left unset."""
+    value = getattr(args, key, None)
+    return PREPROCESSING[key][1] if value is None else value
+
+
+def resolve_preprocessing(args, weights_args=None):
+    """Fill --mean, --std, --eval-crop-ratio and --interpolation left unset with what the weights were made with:
+    the args saved in the checkpoint that is read (`weights_args`), else the model's pretrained cfg under
+    --pretrained, else DeiT's (ImageNet's mean and std, crop 0.875, bicubic). Returns where the values came from."""
+    unset = [key for key in PREPROCESSING if getattr(args, key, None) is None]
+    cfg, source = {}, 'DeiT\'s defaults'
+    if weights_args and any(weights_args.get(key) is not None for key in PREPROCESSING):
+        cfg = {PREPROCESSING[key][0]: weights_args.get(key) for key in PREPROCESSING}
+        source = 'the checkpoint'
+    elif args.pretrained:
+        from timm.models import get_pretrained_cfg
+        found = get_pretrained_cfg(args.model)
+        cfg, source = (found.to_dict(), f"{args.model}'s pretrained cfg") if found is not None else ({}, source)
+    for key in unset:
+        value = cfg.get(PREPROCESSING[key][0])
+        value = PREPROCESSING[key][1] if value is None else value
+        setattr(args, key, [float(v) for v in value] if isinstance(value, (tuple, list)) else value)
+    return source if unset else 'the command line'
+
+
 # ---------------------------------------------------------------- transforms
 
 def build_transform(is_train, args, uint8=False):
@@ -298,7 +331,8 @@ def build_transform(is_train, args, uint8=False):
     transform = create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
                                  auto_augment=auto_augment_policy(args), interpolation=args.train_interpolation,
                                  re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, hflip=args.hflip,
-                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, use_prefetcher=uint8)
+                                 mean=preprocessing(args, 'mean'), std=preprocessing(args, 'std'),
+                                 use_prefetcher=uint8)
     if size <= SMALL_IMAGE_MAX:
         # DeiT swaps the random-resized crop for a padded random crop; images of another size are resized first
         transform.transforms[0:1] = small_image_crop(size)
@@ -350,18 +384,18 @@ def auto_augment_policy(args):
     return None if args.aa in (None, '', 'none') else args.aa
 
 
-def _to_tensor(uint8):
+def _to_tensor(uint8, args):
     if uint8:
         return [MaybePILToTensor()]
-    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    return [transforms.ToTensor(), transforms.Normalize(preprocessing(args, 'mean'), preprocessing(args, 'std'))]
 
 
 def _eval_transform(size, args, uint8=False):
     if size <= SMALL_IMAGE_MAX:
-        return transforms.Compose([ResizeIfNeeded(size)] + _to_tensor(uint8))
-    resize = int(size / args.eval_crop_ratio)
-    return transforms.Compose([transforms.Resize(resize, interpolation=_interp('bicubic')),
-                               transforms.CenterCrop(size)] + _to_tensor(uint8))
+        return transforms.Compose([ResizeIfNeeded(size)] + _to_tensor(uint8, args))
+    resize = int(size / preprocessing(args, 'eval_crop_ratio'))
+    return transforms.Compose([transforms.Resize(resize, interpolation=_interp(preprocessing(args, 'interpolation'))),
+                               transforms.CenterCrop(size)] + _to_tensor(uint8, args))
 
 
 def _interp(name):
@@ -416,4 +450,4 @@ def three_augment_transform(size, args, uint8=False):
                                              _GaussianBlur()])]
     if args.color_jitter:
         steps.append(transforms.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
-    return transforms.Compose(steps + _to_tensor(uint8))
+    return transforms.Compose(steps + _to_tensor(uint8, args))

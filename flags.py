@@ -105,6 +105,13 @@ def get_args_parser():
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
 
     g = p.add_argument_group('augmentation')
+    g.add_argument('--mean', type=float, nargs=3, default=None, metavar='M',
+                   help="normalisation mean (timm's flag); default: what the weights were trained with (the "
+                        "checkpoint's, or the pretrained cfg's with --pretrained), else ImageNet's")
+    g.add_argument('--std', type=float, nargs=3, default=None, metavar='S',
+                   help='normalisation standard deviation; default: as --mean')
+    g.add_argument('--interpolation', default=None, choices=['bicubic', 'bilinear', 'nearest'],
+                   help="resize at evaluation; default: as --mean, else bicubic")
     g.add_argument('--color-jitter', type=float, default=0.3, metavar='PCT')
     g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
                    help='timm auto-augment policy, or "none"')
@@ -205,7 +212,8 @@ def get_args_parser():
     g.add_argument('--start-epoch', '--start_epoch', dest='start_epoch', default=0, type=int, metavar='N',
                    help='first epoch when not resuming')
     g.add_argument('--eval', **SWITCH, help='evaluate only')
-    g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='center-crop ratio at evaluation')
+    g.add_argument('--eval-crop-ratio', '--crop-pct', dest='eval_crop_ratio', default=None, type=float,
+                   help="center-crop ratio at evaluation; default: the weights' own (see --mean), else DeiT's 0.875")
     g.add_argument('--dist-eval', **SWITCH, help='split evaluation over ranks')
     g.add_argument('--print-freq', default=10, type=int, help='progress line every N updates')
     g.add_argument('--save-every', default=0, type=int, metavar='N',
@@ -407,7 +415,8 @@ FLAG_RANGES = {
     'shrink_start_epoch': (0, INF, '[)'), 'shrink_epochs': (0, INF, '[)'), 'n_visualization': (1, INF, '[)'),
     'distillation_alpha': (0, 1, '[]'), 'distillation_tau': (0, INF, '()'), 'fake_size': (1, INF, '[)'),
     'fake_classes': (1, INF, '[)'), 'num_workers': (0, INF, '[)'), 'seed': (0, 2 ** 31 - 1, '[]'),
-    'start_epoch': (0, INF, '[)'), 'eval_crop_ratio': (0, 1, '(]'), 'print_freq': (1, INF, '[)'),
+    'start_epoch': (0, INF, '[)'), 'eval_crop_ratio': (0, 1, '(]'), 'mean': (0, 1, '[]'), 'std': (0, INF, '()'),
+    'print_freq': (1, INF, '[)'),
     'save_every': (0, INF, '[)'), 'dist_timeout': (1, INF, '[)'),
 }
 # list-valued flags: how many values each takes (Adan has three betas; timm's Mixup takes a (min, max) pair).

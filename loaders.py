@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 import dali_loader
 import utils
+from datasets import preprocessing
 from images import BadImageError
 from samplers import EvalSampler, RASampler, SeededDataset, collate_skipping_none
 
@@ -61,14 +62,16 @@ def build_val_loader(args, dataset_val):
 
 class DeviceFinish:
     """The end of the input pipeline, run on the device on whole batches (timm's prefetcher pattern): uint8 images
-    from the loader to float, normalised with ImageNet's mean and std, then (training) timm's random erasing.
+    from the loader to float, normalised with the run's mean and std (ImageNet's unless the weights say otherwise),
+    then (training) timm's random erasing.
 
     The workers then ship a quarter of the bytes and skip the float work. Erasing draws from the main process's
     RNG, which every checkpoint saves, so a resumed run erases exactly as the uninterrupted one."""
 
-    def __init__(self, device, re_prob=0.0, re_mode='pixel', re_count=1):
-        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1) * 255
+    def __init__(self, device, re_prob=0.0, re_mode='pixel', re_count=1, mean=IMAGENET_DEFAULT_MEAN,
+                 std=IMAGENET_DEFAULT_STD):
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.erasing = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=device) if re_prob > 0 \
             else None
 
@@ -82,6 +85,7 @@ class DeviceFinish:
 
 def device_finish(args, device, is_train):
     """DeiT erases after its timm pipeline, not after 3-Augment."""
+    stats = dict(mean=preprocessing(args, 'mean'), std=preprocessing(args, 'std'))
     if not is_train or args.ThreeAugment:
-        return DeviceFinish(device)
-    return DeviceFinish(device, args.reprob, args.remode, args.recount)
+        return DeviceFinish(device, **stats)
+    return DeviceFinish(device, args.reprob, args.remode, args.recount, **stats)

@@ -19,7 +19,7 @@ import schedules
 import utils
 import visualize
 from checkpoints import BEST_CHECKPOINT, CHECKPOINT, CheckpointWriter, check_output_dir, find_resume, resume
-from datasets import build_dataset, build_transform, loader_for, resolve_data_set
+from datasets import build_dataset, build_transform, loader_for, resolve_data_set, resolve_preprocessing
 from flags import check_flag_ranges, get_args_parser, parse_args  # noqa: F401 - get_args_parser: used by the scripts
 from loaders import build_train_loader, build_val_loader, device_finish, sampler_description
 from utils import UserError
@@ -86,12 +86,21 @@ def resolve_config(args):
     utils.init_distributed_mode(args)
     utils.seed_everything(args.seed + utils.get_rank())
     resolve_data_set(args)
+    args.preprocessing_from = resolve_preprocessing(args, utils.saved_args(weights_file(args)))
     if args.data_backend == 'dali':
         dali_loader.check_flags(args)
     if not args.warmup:
         args.warmup_epochs = 0
     optimization.scale_lr(args)
     return torch.device(args.device)
+
+
+def weights_file(args):
+    """The checkpoint whose weights the run starts from, by the resume precedence, then --finetune."""
+    if args.resume:
+        return args.resume
+    own = os.path.join(args.output_dir, CHECKPOINT) if args.output_dir else ''
+    return own if own and os.path.isfile(own) else args.finetune
 
 
 def build_models(args, device):
@@ -205,6 +214,12 @@ def print_run_line(args, model, n_parameters, dataset_train, dataset_val, budget
           f'{len(dataset_val)} val images, {args.nb_classes} classes, {plan}, '
           f'lr {args.lr:.3e}, amp {args.amp}', flush=True)
     print(f'| sampler: {sampler_description(args)}', flush=True)
+    print_preprocessing(args)
+
+
+def print_preprocessing(args):
+    utils.log(f'| preprocessing: mean {args.mean}, std {args.std}, eval crop {args.eval_crop_ratio}, '
+              f'{args.interpolation} resize (from {args.preprocessing_from})')
 
 
 # ---------------------------------------------------------------- logging
@@ -295,6 +310,7 @@ def main(args):
     eval_kwargs = dict(device=device, amp_dtype=amp_dtype(args), distributed=args.distributed and args.dist_eval,
                        finish_batch=device_finish(args, device, is_train=False))
     if args.eval:
+        print_preprocessing(args)
         engine.evaluate(loader_val, model, **eval_kwargs)
         save_keep_masks(args, model, dataset_val, device, class_names)
         return
@@ -325,7 +341,8 @@ def save_keep_masks(args, model, dataset_val, device, class_names):
     """EViT's mask pictures (--visualize-mask), drawn from normalised images at the evaluation size."""
     if args.visualize_mask:
         dataset_val.transform = build_transform(False, args)
-        visualize.save_keep_masks(model, dataset_val, args.output_dir, args.n_visualization, device, class_names)
+        visualize.save_keep_masks(model, dataset_val, args.output_dir, args.n_visualization, device, class_names,
+                                  mean=args.mean, std=args.std)
 
 
 class Loops(NamedTuple):

@@ -340,6 +340,21 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
+def saved_args(path):
+    """The 'args' dict a local checkpoint records, read without its tensors (memory-mapped); {} when there is none
+    or the file cannot be read that way (load_checkpoint reports real problems later)."""
+    if not path or path.startswith(('http://', 'https://')) or path.endswith('.safetensors') or \
+            not os.path.isfile(path):
+        return {}
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an old or foreign format: no args to read this way
+        return {}
+    found = ckpt.get('args') if isinstance(ckpt, dict) else None
+    return vars(found) if isinstance(found, argparse.Namespace) else found if isinstance(found, dict) else {}
+
+
 def model_weights(ckpt, path, key='model'):
     """The model state dict of a loaded checkpoint: its `key` entry ('model' in ours and DeiT's, or 'model_ema'), or
     the file itself when it is a plain state dict."""

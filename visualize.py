@@ -68,7 +68,8 @@ def draw_keep_mask_picture(image, layer_keeps, titles, path):
 
 
 @torch.no_grad()
-def save_keep_masks(model, dataset, output_dir, n_images, device, class_names=None, batch_size=64):
+def save_keep_masks(model, dataset, output_dir, n_images, device, class_names=None, batch_size=64,
+                    mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
     """Run the first n_images of dataset through an EViT model and draw which patches each keep layer kept.
 
     Writes output_dir/masks/NNNN.png (rank 0 only) and returns their paths. The model's train / eval mode and
@@ -92,7 +93,7 @@ def save_keep_masks(model, dataset, output_dir, n_images, device, class_names=No
     try:
         for start in range(0, min(n_images, len(dataset)), batch_size):
             indices = range(start, min(start + batch_size, n_images, len(dataset)))
-            paths += _draw_keep_batch(model, dataset, indices, folder, device, class_names)
+            paths += _draw_keep_batch(model, dataset, indices, folder, device, class_names, (mean, std))
     finally:
         model.train(was_training)
         model.record_keep = was_recording
@@ -100,7 +101,7 @@ def save_keep_masks(model, dataset, output_dir, n_images, device, class_names=No
     return paths
 
 
-def _draw_keep_batch(model, dataset, indices, folder, device, class_names):
+def _draw_keep_batch(model, dataset, indices, folder, device, class_names, normalization):
     images, targets = zip(*(dataset[i] for i in indices))
     x = torch.stack(images).to(device)  # (B, 3, H, W)
     predictions = model(x).argmax(dim=1).tolist()
@@ -116,7 +117,7 @@ def _draw_keep_batch(model, dataset, indices, folder, device, class_names):
             fused = ' + fused' if (kept[row] < 0).any() else ''
             titles.append(f'block {block}: {int(keep.sum())}/{keep.size} kept{fused}')
         path = os.path.join(folder, f'{index:04d}.png')
-        draw_keep_mask_picture(denormalize(images[row]), layer_keeps, titles, path)
+        draw_keep_mask_picture(denormalize(images[row], *normalization), layer_keeps, titles, path)
         paths.append(path)
     return paths
 

@@ -145,7 +145,9 @@ def convert(npz_path, output, model_name, num_classes=None):
     load_npz(model, name, npz_path, layout)
     report_head(layout, num_classes)
     checkpoint = {'model': model.state_dict(),
-                  'args': {'model': name, 'input_size': size, 'nb_classes': num_classes},
+                  # Google's ViTs take inputs scaled to [-1, 1]: mean and std 0.5, which main.py and predict read
+                  'args': {'model': name, 'input_size': size, 'nb_classes': num_classes, 'mean': [0.5] * 3,
+                           'std': [0.5] * 3},
                   'class_names': [str(i) for i in range(num_classes)]}
     utils.save_checkpoint(checkpoint, output)
     return name, size, num_classes

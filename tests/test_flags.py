@@ -57,7 +57,7 @@ DEIT_DEFAULTS = [
     ('--reprob', 0.25), ('--remode', 'pixel'), ('--recount', 1), ('--mixup', 0.8), ('--cutmix', 1.0),
     ('--cutmix-minmax', None), ('--mixup-prob', 1.0), ('--mixup-switch-prob', 0.5), ('--mixup-mode', 'batch'),
     ('--model-ema-decay', 0.99996), ('--finetune', ''), ('--inat-category', 'name'), ('--output_dir', ''),
-    ('--seed', 0), ('--resume', ''), ('--start_epoch', 0), ('--num_workers', 10), ('--eval-crop-ratio', 0.875),
+    ('--seed', 0), ('--resume', ''), ('--start_epoch', 0), ('--num_workers', 10),
     ('--accum-iter', 1),
 ]
 

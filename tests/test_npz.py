@@ -88,7 +88,8 @@ def test_converted_logits_equal_timms_npz_loader_and_the_source(source, converte
     by_timm.load_pretrained(npz)
     assert torch.equal(logits(fresh), logits(by_timm))
     torch.testing.assert_close(logits(fresh), logits(model), rtol=1e-5, atol=1e-5)
-    assert checkpoint['args'] == {'model': MODEL, 'input_size': 16, 'nb_classes': NUM_CLASSES}
+    assert checkpoint['args'] == {'model': MODEL, 'input_size': 16, 'nb_classes': NUM_CLASSES, 'mean': [0.5] * 3,
+                                  'std': [0.5] * 3}  # Google's inputs: [-1, 1]
     assert checkpoint['class_names'] == [str(i) for i in range(NUM_CLASSES)]
 
 
