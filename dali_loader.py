@@ -135,11 +135,11 @@ def train_pipeline(args):
         decoder, op = ('mixed', 'gpu') if on_gpu else ('cpu', 'cpu')
         if size > 32:
             images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
-                                                   random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3),
-                                                   num_attempts=10)
+                                                   adjust_orientation=False, random_area=(0.08, 1.0),
+                                                   random_aspect_ratio=(3 / 4, 4 / 3), num_attempts=10)
             images = fn.resize(images, device=op, size=(size, size), interp_type=interp, antialias=True)
         else:
-            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False)
             images = fn.resize(images, device=op, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True)
             pad = max(size // 8, 1)
             start = fn.random.uniform(range=(-pad, pad + 1), shape=(2,), dtype=types.INT32)
@@ -172,7 +172,7 @@ def eval_pipeline(args):
     def pipeline(files, labels, on_gpu):
         jpegs, targets = _reader(files, labels, pad=True)
         decoder, op = ('mixed', 'gpu') if on_gpu else ('cpu', 'cpu')
-        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False)
         if size > 32:
             images = fn.resize(images, device=op, resize_shorter=int(size / preprocessing(args, 'eval_crop_ratio')),
                                interp_type=getattr(types, INTERPOLATIONS[preprocessing(args, 'interpolation')]),

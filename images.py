@@ -14,7 +14,8 @@ class BadImageError(UserError):
 
 
 def load_rgb(path, data=None):
-    """Open any common image as 8-bit RGB: grayscale, palette, CMYK, 16-bit and alpha images are converted.
+    """Open any common image as 8-bit RGB: grayscale, palette, CMYK, 16-bit and alpha images are converted; an alpha
+    channel is dropped and an EXIF orientation is not applied (the pixels as stored), as in DeiT and both backends.
 
     data: the file's bytes when they were read elsewhere (an LMDB); `path` then only names the image in errors.
     """
@@ -31,12 +32,7 @@ def load_rgb(path, data=None):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8), 'L')
-    if img.mode == 'P' and 'transparency' in img.info:
-        img = img.convert('RGBA')
-    if img.mode in ('RGBA', 'LA', 'PA'):
-        background = Image.new('RGBA', img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img.convert('RGBA'))
-    return img.convert('RGB')
+    return img.convert('RGB')  # alpha dropped: the stored colours, as torchvision's loader (DeiT's) and DALI read them
 
 
 def _reason(error):

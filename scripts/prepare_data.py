@@ -79,6 +79,8 @@ def process(job):
             img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                              Image.Resampling.BICUBIC)
             options = {'quality': JPEG_QUALITY} if out.lower().endswith(('.jpg', '.jpeg')) else {}
+            if img.info.get('exif'):  # the pixels stay as stored, so the orientation tag keeps its meaning
+                options['exif'] = img.info['exif']
             img.save(out, **options)
         else:
             shutil.copyfile(path, out)

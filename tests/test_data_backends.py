@@ -217,3 +217,39 @@ def test_dali_run_stopped_mid_epoch_resumes_the_same_schedule(photos, tmp_path):
     assert [e['epoch'] for e in resumed] == [e['epoch'] for e in expected] == [0, 1]
     for key in ('train_lr', 'train_size', 'batch_size'):
         assert [e[key] for e in resumed] == pytest.approx([e[key] for e in expected]), key
+
+
+def special_files(root):
+    """One folder of the files the backends once read differently: an EXIF-rotated JPEG and PNGs with alpha (fully
+    transparent on the left half, whose stored colours differ from any background)."""
+    folder = os.path.join(root, 'val', 'a')
+    os.makedirs(folder)
+    os.makedirs(os.path.join(root, 'train', 'a'))
+    y, x = np.mgrid[0:60, 0:80]
+    pixels = np.stack([x * 3 % 256, y * 4 % 256, (x + y) % 256], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(os.path.join(folder, 'exif6.jpg'), quality=95, exif=exif.tobytes())
+    rgba = Image.fromarray(np.dstack([pixels, np.where(x < 40, 0, 255).astype(np.uint8)]), 'RGBA')
+    rgba.save(os.path.join(folder, 'rgba.png'))
+    rgba.convert('LA').save(os.path.join(folder, 'la.png'))
+    Image.fromarray(pixels).convert('P', palette=Image.Palette.ADAPTIVE).save(os.path.join(folder, 'p.png'),
+                                                                              transparency=0)
+    for name in os.listdir(folder):
+        os.link(os.path.join(folder, name), os.path.join(root, 'train', 'a', name))
+    return sorted(os.listdir(folder))
+
+
+@pytest.mark.parametrize('size', [24, 48])
+def test_both_backends_read_exif_rotated_and_alpha_images_alike(tmp_path, size):
+    """The pixels as stored, as DeiT's loader reads them: no EXIF rotation, alpha dropped."""
+    names = special_files(str(tmp_path))
+    batches = {}
+    for backend in ('pil', 'dali'):
+        _, _, val, _, loader = loaders_for(backend, str(tmp_path), size)
+        assert [os.path.basename(path) for path, _ in val.samples] == names
+        batches[backend] = torch.cat([images for images, _ in loader]).float()
+    unrotated = np.asarray(Image.open(tmp_path / 'val' / 'a' / 'exif6.jpg').convert('RGB'))
+    assert unrotated.shape == (60, 80, 3)  # PIL applies no orientation on its own
+    differences = (batches['pil'] - batches['dali']).abs().mean(dim=(1, 2, 3))
+    assert differences.max() < 1.0, dict(zip(names, differences.tolist()))  # 80 and 129 of 255 before

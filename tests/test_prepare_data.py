@@ -68,3 +68,15 @@ def test_bad_destinations_are_one_line_errors(tmp_path):
         assert result.returncode == 2 and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert (tmp_path / 'full' / 'mine.txt').read_text() == 'keep'
+
+
+def test_max_side_keeps_the_exif_orientation_tag(tmp_path):
+    src = tmp_path / 'src' / 'train' / 'a'
+    src.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    Image.new('RGB', (400, 300), (200, 30, 30)).save(src / 'turned.jpg', exif=exif.tobytes())
+    result = run(tmp_path / 'src', tmp_path / 'dst', '--max-side', '100')
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / 'dst' / 'train' / 'a' / 'turned.jpg') as copy:
+        assert copy.size == (100, 75) and copy.getexif().get(0x0112) == 6
