@@ -6,6 +6,7 @@
 #   recipe.sh [DATA_PATH [OUTPUT_DIR [more main.py flags ...]]]     (or DATA_PATH=... OUTPUT_DIR=... recipe.sh)
 #   NPROC=8 recipe.sh ...      processes (GPUs) on this node; default: the paper's
 #   LOCAL=1 recipe.sh          one CPU epoch of the same recipe on 64 fake 32 px images: checks that it starts
+#                              (a budget recipe gets --time-budget 0.005, 18 s, in place of its own)
 
 DATA_PATH=${1:-${DATA_PATH:-$DEFAULT_DATA_PATH}}
 OUTPUT_DIR=${2:-${OUTPUT_DIR:-runs/$(basename "$0" .sh)}}
