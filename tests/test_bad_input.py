@@ -191,10 +191,11 @@ def test_an_out_of_range_value_is_one_line_naming_the_flag(action, capsys, tmp_p
     low, high, brackets = FLAG_RANGES[action.dest]
     value = out_of_range(low, high, brackets, action.type is int)
     flag = action.option_strings[0]
-    line = cli_error([flag, value, '--output_dir', tmp_path / 'o'], capsys)
+    others = [str(low if brackets[0] == '[' else high)] * (action.nargs - 1) if isinstance(action.nargs, int) else []
+    line = cli_error([flag, value, *others, '--output_dir', tmp_path / 'o'], capsys)
     assert line.startswith(f'error: {flag} {value} is out of range; pass a value')
     if action.type is float:
-        assert cli_error([flag, 'nan'], capsys).startswith(f'error: {flag} nan is out of range')
+        assert cli_error([flag, 'nan', *others], capsys).startswith(f'error: {flag} nan is out of range')
     assert not (tmp_path / 'o').exists()
 
 

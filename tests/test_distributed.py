@@ -35,7 +35,7 @@ def test_two_ranks_match_one_process(tmp_path):
         assert abs(correct - round(correct)) < 1e-6
 
     # Only rank 0 writes: one log header, one line per epoch, one events file, no stray files.
-    assert sorted(os.listdir(two)) == ['best_checkpoint.pth', 'checkpoint.pth', 'log.txt', 'tb']
+    assert sorted(os.listdir(two)) == ['.lock', 'best_checkpoint.pth', 'checkpoint.pth', 'log.txt', 'tb']
     headers, epochs = read_log(two)
     assert len(headers) == 1 and [e['epoch'] for e in epochs] == [0, 1]
     assert len(os.listdir(two / 'tb')) == 1

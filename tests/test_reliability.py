@@ -418,7 +418,7 @@ def utils_module():
 
 def test_a_second_run_on_a_live_output_dir_is_refused(tmp_path):
     import socket
-    args = TINY + ['--output_dir', tmp_path, '--epochs', '3', '--print-freq', '1']
+    args = TINY + ['--output_dir', tmp_path, '--epochs', '2', '--print-freq', '1']
     first = start_training(args)
     assert wait_for_progress_lines(first, 2)
     second = run_main(args)
@@ -429,20 +429,8 @@ def test_a_second_run_on_a_live_output_dir_is_refused(tmp_path):
     first.communicate(timeout=300)
     assert first.returncode == 0
     headers, epochs = read_log(tmp_path)
-    assert len(headers) == 1 and [e['epoch'] for e in epochs] == [0, 1, 2]
-    assert run_main(args + ['--epochs', '4']).returncode == 0  # the lock ended with its run
-
-
-def test_a_run_killed_with_9_leaves_no_lock_behind(tmp_path):
-    args = TINY + ['--output_dir', tmp_path, '--epochs', '3', '--print-freq', '1', '--num_workers', '2',
-                   '--save-every', '2']
-    first = start_training(args)
-    assert wait_for_progress_lines(first, 4)
-    first.kill()
-    first.wait()
-    result = run_main(args)
-    assert result.returncode == 0, result.stderr
-    assert 'resumed from' in result.stdout
+    assert len(headers) == 1 and [e['epoch'] for e in epochs] == [0, 1]
+    assert run_main(args + ['--epochs', '3']).returncode == 0  # the lock ended with its run
 
 
 def test_under_torchrun_every_rank_stops_when_the_output_dir_is_in_use(tmp_path):
@@ -539,7 +527,7 @@ def test_a_tensorboard_write_that_fails_is_a_warning(tmp_path, monkeypatch, caps
 def test_a_signal_forwarded_by_a_wrapper_is_the_same_stop_request(tmp_path):
     """Ctrl-C under `timeout`: the terminal's SIGINT reaches both, and timeout forwards its own to main.py."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    for attempt in range(3):
+    for attempt in range(2):
         out = tmp_path / str(attempt)
         cmd = ['timeout', '600', sys.executable, os.path.join(ROOT, 'main.py')] + \
             [str(a) for a in TINY + ['--output_dir', out, '--epochs', '5', '--print-freq', '1']]
@@ -589,7 +577,3 @@ def test_scripts_torchrun_ends_a_stop_with_one_line_and_exit_0(tmp_path, how):
     assert proc.returncode == 0, rest
     assert 'Traceback' not in rest and 'checkpoint saved' in rest
     assert load(tmp_path / 'checkpoint.pth')['step_in_epoch'] > 0
-    result = run_main(args, launcher=[sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-                                      f'--master_port={port + 1}'])
-    assert result.returncode == 0, result.stderr
-    assert 'resumed from' in result.stdout

@@ -198,14 +198,15 @@ def test_load_rgb_modes(tmp_path):
         assert out.mode == 'RGB' and out.size == (20, 10), name
 
 
-def test_load_rgb_transparent_pixels_become_white(tmp_path):
+def test_load_rgb_drops_alpha_and_keeps_the_stored_colours(tmp_path):
+    """As torchvision's loader (DeiT's) and DALI read them: transparent pixels keep their stored colour."""
     rgba = Image.new('RGBA', (4, 4), (10, 20, 30, 0))
     out = datasets.load_rgb(saved(tmp_path, rgba, 'clear.png'))
-    assert out.getpixel((0, 0)) == (255, 255, 255)
+    assert out.getpixel((0, 0)) == (10, 20, 30)
     palette = Image.new('P', (4, 4), 3)
     palette.putpalette([0, 0, 0] * 3 + [200, 0, 0] + [0, 0, 0] * 252)
     out = datasets.load_rgb(saved(tmp_path, palette, 'p.png', transparency=3))
-    assert out.getpixel((1, 1)) == (255, 255, 255)
+    assert out.getpixel((1, 1)) == (200, 0, 0)
     out = datasets.load_rgb(saved(tmp_path, palette, 'opaque.png'))
     assert out.getpixel((1, 1)) == (200, 0, 0)
 
