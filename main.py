@@ -166,8 +166,12 @@ def lock_output_dir(args, device):
     if args.output_dir and not args.eval and utils.is_main_process() and os.path.isdir(args.output_dir):
         holder = take_lock(args.output_dir)
     if utils.any_rank([bool(holder)], device)[0]:
-        raise UserError(f'--output_dir {args.output_dir} is in use by another run ({holder or "see rank 0"}); wait '
-                        'for it to end, or pass another --output_dir')
+        raise folder_in_use(args.output_dir, holder or 'see rank 0')
+
+
+def folder_in_use(folder, holder):
+    return UserError(f'--output_dir {folder} is in use by another run ({holder}); wait for it to end, or pass '
+                     'another --output_dir')
 
 
 def take_lock(folder):
@@ -191,8 +195,7 @@ def prepare_output_dir(args):
                         'write to') from e
     holder = take_lock(args.output_dir)
     if holder:
-        raise UserError(f'--output_dir {args.output_dir} is in use by another run ({holder}); wait for it to end, '
-                        'or pass another --output_dir')
+        raise folder_in_use(args.output_dir, holder)
     utils.remove_stale_temp_files(args.output_dir, (CHECKPOINT, BEST_CHECKPOINT))
 
 
