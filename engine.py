@@ -62,6 +62,7 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
     num_micro = (len(loader) // accum) * accum
     window_start, window_images, stopped = time.time(), 0, False
     epoch_start = time.time()
+    speed, update_images = SteadySpeed(), 0
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
         samples, targets = batch[0], batch[1]
@@ -85,6 +86,7 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
                 continue
             state.scaler.scale(loss / accum).backward()
         metrics.update(loss=loss_value, n=batch_size)
+        update_images += batch_size
         if len(batch) > 2:  # --skip-bad-images: how many unreadable images each sample's loader passed over
             metrics.update(n=0, skipped_images=int(batch[2].sum()))
         window_images += batch_size
@@ -92,6 +94,8 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
             continue
 
         _optimizer_step(model, state, epoch * total + update)
+        speed.update_done(update_images)
+        update_images = 0
         done = update + 1
         lr = optimizer.param_groups[0]['lr']
         metrics.update(lr=lr)
@@ -103,9 +107,32 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
             break
     metrics.synchronize(device)
     stats = metrics.averages()
-    stats['images_per_sec'] = metrics.meters['loss'].count * utils.get_world_size() / max(
-        time.time() - epoch_start, 1e-9)
+    images, seconds = speed.measured()
+    stats['images_per_sec'] = utils.all_reduce_sum([images], device)[0] / max(seconds, 1e-9)
     return stats, stopped
+
+
+class SteadySpeed:
+    """Images trained by this process per second of steady state: from the end of its first update in this call
+    (which pays for start-up, the loader's first batches and compilation) to the end of its last one; the whole
+    epoch when it had one update. Resumed epochs count only what this call trained."""
+
+    def __init__(self):
+        self.start, self.first_images, self.images, self.end = time.time(), None, 0, None
+
+    def update_done(self, images):
+        if self.first_images is None:
+            self.first_images, self.after_first = images, time.time()
+        self.images += images
+        self.end = time.time()
+
+    def measured(self):
+        """(images, seconds)."""
+        if self.first_images is None:
+            return 0, 1.0
+        if self.images == self.first_images:
+            return self.images, self.end - self.start
+        return self.images - self.first_images, self.end - self.after_first
 
 
 def _prepare_batch(samples, targets, device, state):

@@ -223,3 +223,30 @@ def test_main_runs_cosub_with_mixup_and_accumulation(tmp_path):
     assert result.returncode == 0, result.stderr
     _, epochs = read_log(out)
     assert len(epochs) == 1 and epochs[0]['train_loss'] > 0
+
+
+# ---------------------------------------------------------------- log.txt's images per second
+
+def test_images_per_second_count_each_image_once_and_leave_out_the_first_update(monkeypatch):
+    """Two ranks (their sums simulated), 5 updates of 4 images each, 1 s per update after a first that pays 10 s of
+    start-up: 2 ranks x 4 images per second."""
+    import utils
+
+    class FakeClock:
+        now = 0.0
+
+    monkeypatch.setattr(engine.time, 'time', lambda: FakeClock.now)
+    monkeypatch.setattr(utils, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(utils, 'all_reduce_sum', lambda values, device: [2 * v for v in values])
+    model = build()
+    forward = model.forward
+
+    def timed_forward(x):
+        FakeClock.now += 10.0 if FakeClock.now == 0 else 1.0
+        return forward(x)
+    monkeypatch.setattr(model, 'forward', timed_forward)
+    criterion = losses.DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.5, 1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches = [(images(seed=i), torch.arange(4)) for i in range(5)]
+    stats, _ = train_steps(model, criterion, optimizer, batches)
+    assert stats['images_per_sec'] == pytest.approx(8.0)
