@@ -315,6 +315,7 @@ def benchmark(args):
         'threads': torch.get_num_threads(), 'load_avg_start': [round(x, 2) for x in load_at_start],
         'load_avg': [round(x, 2) for x in os.getloadavg()],
         'torch': torch.__version__, 'timm': timm.__version__,
+        'epoch_start_s': epoch_start_seconds(),
     }
     if args.data_folder:
         result['loader_img_s'] = loader_speeds(args, training_config(args))
@@ -322,6 +323,17 @@ def benchmark(args):
                                 for backend, speeds in result['loader_img_s'].items()}
         result['baseline_loader'] = args.baseline_loader
     return result
+
+
+def epoch_start_seconds(num_items=1_281_167):
+    """Seconds from an ImageNet-1k-sized epoch's set_epoch to its first (index, seed) pair: what the GPU waits for at
+    every epoch start (the training sampler of one process, repeated augmentation on)."""
+    from samplers import RASampler
+    sampler = RASampler(num_items, 1, 0, num_repeats=3)
+    start = time.perf_counter()
+    sampler.set_epoch(1)
+    next(iter(sampler))
+    return time.perf_counter() - start
 
 
 def report(r):
@@ -345,6 +357,7 @@ def report(r):
         dtype = r['peak_flops_dtype']
         lines.append(f'| note: {dtype} matmuls are slower than float32 ones here ({r["peak_flops_fp32"] / 1e9:.1f} '
                      f'GFLOP/s): this device has no fast {dtype} path, and MFU against its {dtype} peak can pass 100%')
+    lines.append(f'| epoch start: {r["epoch_start_s"]:.3f} s to the first sample of a 1.28 M-image epoch')
     if r['device'] == 'cuda':
         lines.append(f'| peak memory: ours {r["peak_memory_mb"]:.0f} MB, plain {r["peak_memory_mb_plain"]:.0f} MB '
                      '(max_memory_allocated)')

@@ -47,6 +47,7 @@ def test_last_line_is_json_with_every_figure(tmp_path):
     assert figures['ratio'] == pytest.approx(figures['ours_img_s'] / figures['plain_img_s'])
     assert len(figures['ours_runs']) == len(figures['plain_runs']) == 2
     assert figures['peak_flops'] > 0 and figures['peak_memory_mb'] > 0
+    assert 0 < figures['epoch_start_s'] < 60  # a figure, not a goal: 0.05 s measured on the 2-core machine
     assert figures['mfu'] == pytest.approx(figures['flops_per_image'] * figures['ours_img_s'] / figures['peak_flops'])
     for backend in ('pil', 'dali'):
         speeds = figures['loader_img_s'][backend]

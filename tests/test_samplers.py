@@ -171,3 +171,33 @@ def test_seeded_dataset_keeps_global_rng_state():
     assert random.getstate() == py_state
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert np.array_equal(np.random.get_state()[1], np_draw)
+
+
+def test_vectorised_seeds_are_seed_sequence_seeds():
+    import numpy as np
+    from samplers import sample_seeds
+    rng = np.random.default_rng(0)
+    for seed, epoch in [(0, 0), (1, 5), (2 ** 31 - 1, 299), (12345, 2 ** 32 - 1)]:
+        positions = np.concatenate([rng.integers(0, 2 ** 32, 40, dtype=np.uint64),
+                                    np.array([0, 1, 2 ** 32 - 1], dtype=np.uint64)])
+        expected = [int(np.random.SeedSequence([seed, epoch, int(p)]).generate_state(1, np.uint64)[0] >> 1)
+                    for p in positions]
+        assert sample_seeds(seed, epoch, positions).tolist() == expected
+    assert sample_seed(3, 2, 2 ** 40) == int(np.random.SeedSequence([3, 2, 2 ** 40]).generate_state(1, np.uint64)[0]
+                                             >> 1)  # past 32 bits: SeedSequence itself
+
+
+def test_an_epoch_starts_without_hashing_every_seed(monkeypatch):
+    import samplers
+    hashed = []
+    real = samplers.sample_seeds
+    monkeypatch.setattr(samplers, 'sample_seeds', lambda s, e, p: hashed.append(len(p)) or real(s, e, p))
+    sampler = RASampler(100_000, 2, 1, num_repeats=3, seed=4)
+    sampler.set_epoch(7, start=10)
+    pairs = iter(sampler)
+    first = next(pairs)
+    assert hashed == [4096]  # one chunk, not the epoch's 50,000
+    rest = [first] + list(pairs)
+    assert len(rest) == len(sampler) == 50_000 - 10
+    assert rest[:3] == [(index, sample_seed(4, 7, 2 * (10 + k) + 1)) for k, index in
+                        enumerate(sampler.global_order()[[2 * (10 + k) + 1 for k in range(3)]].tolist())]
