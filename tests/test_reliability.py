@@ -418,19 +418,21 @@ def utils_module():
 
 def test_a_second_run_on_a_live_output_dir_is_refused(tmp_path):
     import socket
-    args = TINY + ['--output_dir', tmp_path, '--epochs', '2', '--print-freq', '1']
-    first = start_training(args)
+    import utils
+    args = TINY + ['--output_dir', tmp_path, '--epochs', '50', '--print-freq', '1']
+    first = start_training(args)  # long enough to be alive when the second starts; stopped by SIGTERM below
     assert wait_for_progress_lines(first, 2)
     second = run_main(args)
     assert second.returncode == 2
     assert second.stderr.strip().splitlines() == [
         f'error: --output_dir {tmp_path} is in use by another run (pid {first.pid} on host {socket.gethostname()}); '
         'wait for it to end, or pass another --output_dir']
+    first.send_signal(signal.SIGTERM)
     first.communicate(timeout=300)
     assert first.returncode == 0
-    headers, epochs = read_log(tmp_path)
-    assert len(headers) == 1 and [e['epoch'] for e in epochs] == [0, 1]
-    assert run_main(args + ['--epochs', '3']).returncode == 0  # the lock ended with its run
+    assert len(read_log(tmp_path)[0]) == 1  # one header: the second run wrote nothing
+    assert utils.lock_folder(str(tmp_path)) == ''  # the lock ended with its run
+    utils.release_folder_locks()
 
 
 def test_under_torchrun_every_rank_stops_when_the_output_dir_is_in_use(tmp_path):
