@@ -159,19 +159,10 @@ def test_unwritable_checkpoint_warns_or_stops_as_asked(tmp_path):
     assert stop.stderr.startswith('error: could not write')
 
 
-def run_with_nan_loss_at(calls, argv, monkeypatch, capsys):
-    """main.cli in this process, the criterion's output turned to NaN at the given calls (0 = its first in this run);
-    returns (exit code, stdout, stderr). The signal handlers a run installs are put back afterwards."""
-    import losses
+def run_cli(argv, capsys):
+    """main.cli in this process; returns (exit code, stdout, stderr). The signal handlers a run installs are put
+    back afterwards."""
     import main
-    seen = []
-    forward = losses.DistillationLoss.forward
-
-    def faulty(self, *inputs):
-        seen.append(None)
-        loss = forward(self, *inputs)
-        return loss * float('nan') if len(seen) - 1 in calls else loss
-    monkeypatch.setattr(losses.DistillationLoss, 'forward', faulty)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
         main.cli([str(a) for a in argv])
@@ -183,6 +174,20 @@ def run_with_nan_loss_at(calls, argv, monkeypatch, capsys):
             signal.signal(sig, handler)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def run_with_nan_loss_at(calls, argv, monkeypatch, capsys):
+    """run_cli with the criterion's output turned to NaN at the given calls (0 = its first in this run)."""
+    import losses
+    seen = []
+    forward = losses.DistillationLoss.forward
+
+    def faulty(self, *inputs):
+        seen.append(None)
+        loss = forward(self, *inputs)
+        return loss * float('nan') if len(seen) - 1 in calls else loss
+    monkeypatch.setattr(losses.DistillationLoss, 'forward', faulty)
+    return run_cli(argv, capsys)
 
 
 def test_nonfinite_loss_stops_with_epoch_step_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
@@ -465,21 +470,6 @@ def enospc_after(monkeypatch, calls_ok, partial=True):
             real(fd, data[:len(data) // 2])
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(utils, 'write_all', full_disk)
-
-
-def run_cli(argv, capsys):
-    import main
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    try:
-        main.cli([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_a_full_disk_during_the_run_is_a_warning_and_the_log_keeps_whole_lines(tmp_path, monkeypatch, capsys):
