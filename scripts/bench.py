@@ -17,10 +17,14 @@ Both loops train the same architecture on the same synthetic batches, in the sam
 
 Each figure is the median of --repeats timed runs of --steps updates after --warmup untimed ones.
 FLOPs per image are FlopCounterMode's count of one forward + backward (math attention, so its matmuls count);
-MFU divides the achieved FLOP/s by a peak MEASURED here: the best of a few large square matmuls in the
-benchmark's dtype. Peak memory is torch.cuda.max_memory_allocated on CUDA, the process peak RSS on the CPU.
+MFU divides the achieved FLOP/s by the GPU's datasheet peak (dense tensor-core FLOP/s in the benchmark's dtype,
+DATASHEET_PEAKS; the usual definition); the peak MEASURED here (the best of a few large square matmuls in that
+dtype) is reported beside it, and is the only one on the CPU and on GPUs missing from the table.
+Peak memory is torch.cuda.max_memory_allocated on CUDA, the process peak RSS on the CPU.
 --data-folder times the loader alone (DeiT train transform) for each --data-backend and --workers count, and
-its feed ratio: loader img/s / our step's img/s (above 1, the loader keeps up with the model).
+its feed ratio: loader img/s / our step's img/s (above 1, the loader keeps up with the model). Its clock starts
+when the iterator is created (worker start-up included) and runs over at least --loader-batches batches, 20 times
+the batches the workers buffer ahead, so that their head start is under 5% of the count.
 The last line printed is one JSON object with every figure.
 """
 import argparse
@@ -51,6 +55,19 @@ import model_factory  # noqa: E402
 import utils  # noqa: E402
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by a name torch.cuda.get_device_name()
+# contains; the first match wins, so the more specific names come first. float32 is the CUDA-core peak.
+DATASHEET_PEAKS = [
+    ('H100 PCIe', {'bfloat16': 756, 'float16': 756, 'float32': 51}),
+    ('H100 NVL', {'bfloat16': 835, 'float16': 835, 'float32': 60}),
+    ('H100', {'bfloat16': 989, 'float16': 989, 'float32': 67}),  # SXM5
+    ('H200', {'bfloat16': 989, 'float16': 989, 'float32': 67}),
+    ('A100', {'bfloat16': 312, 'float16': 312, 'float32': 19.5}),
+    ('V100', {'float16': 125, 'float32': 15.7}),  # SXM2; no bfloat16
+    ('L4', {'bfloat16': 121, 'float16': 121, 'float32': 30.3}),
+]
+PREFETCH_FACTOR = 2  # torch's default: batches each worker keeps ready
 DISTINCT_BATCHES = 4  # synthetic batches are reused in turn: their content does not change the speed
 
 
@@ -63,7 +80,7 @@ def training_config(args):
     if not args.mixup:
         flags += ['--mixup', '0', '--cutmix', '0']
     config = train_main.get_args_parser().parse_args(flags)
-    config.nb_classes, config.print_freq = args.num_classes, 10 ** 9  # no progress lines inside the timing
+    config.nb_classes, config.print_freq = args.num_classes, args.print_freq  # the device is read at this cadence
     optimization.scale_lr(config)
     return config
 
@@ -162,6 +179,15 @@ def training_flops_per_image(model, input_size, device, batch=2):
     return utils.count_flops(step) / batch
 
 
+def datasheet_peak_flops(device_name, dtype):
+    """FLOP/s of the datasheet for this GPU and dtype; None when the table does not know them."""
+    for name, peaks in DATASHEET_PEAKS:
+        if name.lower() in device_name.lower():
+            value = peaks.get(str(dtype).replace('torch.', ''))
+            return value * 1e12 if value is not None else None
+    return None
+
+
 def measure_peak_flops(device, dtype, size, repeats=3):
     """Best FLOP/s of a (size x size) @ (size x size) matmul in dtype on this device."""
     a = torch.randn(size, size, device=device).to(dtype)
@@ -211,47 +237,54 @@ def image_files(folder):
                   if name.lower().endswith(datasets.IMG_EXTENSIONS))
 
 
-def make_pil_loader(paths, config, batch_size, workers, baseline):
+def make_pil_loader(paths, config, batch_size, workers, baseline, batches):
     """main.py's pil loader: uint8 images, JPEGs decoded only as far as the crop needs. `baseline`: the loader as it
-    was before both, every JPEG decoded in full, normalised and erased in the worker."""
+    was before both, every JPEG decoded in full, normalised and erased in the worker. It draws `batches` batches,
+    going round the files as often as that takes."""
     transform = datasets.build_transform(True, config, uint8=not baseline)
     files = ImageFiles(paths, transform, datasets.load_rgb if baseline else datasets.loader_for(transform))
-    return DataLoader(files, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+    sampler = torch.utils.data.RandomSampler(files, num_samples=batches * batch_size)
+    return DataLoader(files, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                      **({'prefetch_factor': PREFETCH_FACTOR} if workers else {}))
 
 
-def make_dali_loader(paths, config, batch_size, workers):
-    """main.py's dali loader (GPU decoding on cuda, DALI's CPU mode on the CPU) with `workers` DALI threads."""
+def make_dali_loader(paths, config, batch_size, workers, batches):
+    """main.py's dali loader (GPU decoding on cuda, DALI's CPU mode on the CPU) with `workers` DALI threads, over
+    `batches` batches."""
     config = argparse.Namespace(**dict(vars(config), num_workers=workers))
     loaders.dali_loader.check_flags(config)
     files = [(path, 0) for path in paths]
-    return loaders.dali_loader.build_train_loader(config, argparse.Namespace(samples=files),
-                                                  torch.randperm(len(files)).tolist(), batch_size)
+    order = torch.randint(len(files), (batches * batch_size,), generator=torch.Generator().manual_seed(0))
+    return loaders.dali_loader.build_train_loader(config, argparse.Namespace(samples=files), order.tolist(),
+                                                  batch_size)
+
+
+def loader_batches(requested, workers):
+    """Batches to time: enough that the workers' buffered head start is under 5% of them."""
+    return max(requested, 20 * workers * PREFETCH_FACTOR)
 
 
 def loader_images_per_sec(loader):
-    """Images/s of one pass, clock started at the first batch (worker start-up, pipeline build left out)."""
-    start, images = None, 0
+    """Images/s of one pass, the clock started as the iterator is created (worker start-up included)."""
+    start, images = time.perf_counter(), 0
     for batch, _ in loader:
-        if start is None:
-            start = time.perf_counter()
-            continue
         images += batch.shape[0]
     return images / (time.perf_counter() - start)
 
 
 def loader_speeds(args, config):
-    """{backend: {workers: img/s}}."""
+    """({backend: {workers: img/s}}, {workers: batches timed})."""
     paths = image_files(args.data_folder)
-    if len(paths) < 2 * args.batch_size:
-        raise ValueError(f'--data-folder {args.data_folder} holds {len(paths)} images, fewer than two batches of '
+    if len(paths) < args.batch_size:
+        raise ValueError(f'--data-folder {args.data_folder} holds {len(paths)} images, fewer than one batch of '
                          f'{args.batch_size}; add images or lower --batch-size')
     config.data_set = 'FOLDER'
-    speeds = {}
+    speeds, counts = {}, {str(w): loader_batches(args.loader_batches, w) for w in args.workers}
     for backend in args.data_backend:
-        make = (lambda w: make_dali_loader(paths, config, args.batch_size, w)) if backend == 'dali' else \
-            (lambda w: make_pil_loader(paths, config, args.batch_size, w, args.baseline_loader))
-        speeds[backend] = {str(w): loader_images_per_sec(make(w)) for w in args.workers}
-    return speeds
+        make = (lambda w, n: make_dali_loader(paths, config, args.batch_size, w, n)) if backend == 'dali' else \
+            (lambda w, n: make_pil_loader(paths, config, args.batch_size, w, args.baseline_loader, n))
+        speeds[backend] = {str(w): loader_images_per_sec(make(w, counts[str(w)])) for w in args.workers}
+    return speeds, counts
 
 
 # ---------------------------------------------------------------- the report
@@ -299,6 +332,8 @@ def benchmark(args):
     peak_dtype = AMP_DTYPES[args.amp] or torch.float32
     peak = measure_peak_flops(device, peak_dtype, args.matmul_size)
     peak_fp32 = peak if peak_dtype == torch.float32 else measure_peak_flops(device, torch.float32, args.matmul_size)
+    gpu_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else None
+    datasheet = datasheet_peak_flops(gpu_name, peak_dtype) if gpu_name else None
     result = {
         'model': args.model, 'input_size': args.input_size, 'batch_size': args.batch_size, 'device': args.device,
         'amp': args.amp, 'compile': args.compile, 'baseline': args.baseline, 'plain_amp': plain_amp,
@@ -308,7 +343,9 @@ def benchmark(args):
         'ours_runs': runs['ours'], 'plain_runs': runs['plain'],
         'flops_per_image': flops, 'peak_flops': peak, 'peak_flops_dtype': str(peak_dtype).replace('torch.', ''),
         'peak_flops_fp32': peak_fp32,
-        'mfu': flops * ours / peak, 'mfu_plain': flops * plain / peak,
+        'datasheet_peak_flops': datasheet, 'gpu': gpu_name,
+        'mfu': flops * ours / (datasheet or peak), 'mfu_plain': flops * plain / (datasheet or peak),
+        'mfu_measured_peak': flops * ours / peak, 'mfu_against': 'datasheet' if datasheet else 'measured peak',
         'peak_memory_mb': memory['ours'] if device.type == 'cuda' else peak_memory_mb(device),
         'peak_memory_mb_plain': memory['plain'] if device.type == 'cuda' else None,
         'warmup_seconds': warmup_s, 'steps': args.steps, 'warmup': args.warmup, 'repeats': args.repeats,
@@ -318,7 +355,7 @@ def benchmark(args):
         'epoch_start_s': epoch_start_seconds(),
     }
     if args.data_folder:
-        result['loader_img_s'] = loader_speeds(args, training_config(args))
+        result['loader_img_s'], result['loader_batches'] = loader_speeds(args, training_config(args))
         result['feed_ratio'] = {backend: {w: speed / ours for w, speed in speeds.items()}
                                 for backend, speeds in result['loader_img_s'].items()}
         result['baseline_loader'] = args.baseline_loader
@@ -350,8 +387,7 @@ def report(r):
         f'| ratio ours / plain: {r["ratio"]:.3f} (best runs: {r["ratio_best"]:.3f}); warm-up s: '
         f'ours {r["warmup_seconds"]["ours"]:.1f}, plain {r["warmup_seconds"]["plain"]:.1f}',
         f'| training FLOPs per image: {r["flops_per_image"] / 1e9:.3f} GFLOP (forward + backward)',
-        f'| peak measured: {r["peak_flops"] / 1e9:.1f} GFLOP/s ({r["peak_flops_dtype"]} matmul); '
-        f'MFU ours {100 * r["mfu"]:.1f}%, plain {100 * r["mfu_plain"]:.1f}%',
+        mfu_line(r),
     ]
     if r['peak_flops'] < r['peak_flops_fp32']:
         dtype = r['peak_flops_dtype']
@@ -367,7 +403,23 @@ def report(r):
         figures = ', '.join(f'{w} workers {s:.1f} (feed ratio {r["feed_ratio"][backend][w]:.2f})'
                             for w, s in speeds.items())
         lines.append(f'| {backend} loader alone (DeiT train transform), img/s: {figures}')
+    if 'loader_batches' in r:
+        lines.append('| loader clock: from the iterator\'s creation (worker start-up included), over '
+                     + ', '.join(f'{n} batches at {w} workers' for w, n in r['loader_batches'].items())
+                     + f' (the workers\' buffered head start: under 5% of them, {PREFETCH_FACTOR} batches each)')
     return '\n'.join(lines)
+
+
+def mfu_line(r):
+    measured = f'{r["peak_flops"] / 1e9:.1f} GFLOP/s ({r["peak_flops_dtype"]} matmul)'
+    if r['datasheet_peak_flops']:
+        return (f'| MFU against the {r["gpu"]} datasheet peak ({r["datasheet_peak_flops"] / 1e12:.0f} TFLOP/s '
+                f'{r["peak_flops_dtype"]} dense): ours {100 * r["mfu"]:.1f}%, plain {100 * r["mfu_plain"]:.1f}%; '
+                f'against the measured peak {measured}: ours {100 * r["mfu_measured_peak"]:.1f}%')
+    why = 'no datasheet peak for this GPU' if r['gpu'] else 'CPU'
+    return f'| MFU against the measured peak {measured} ({why}): ours {100 * r["mfu"]:.1f}%, ' \
+           f'plain {100 * r["mfu_plain"]:.1f}%'
+
 
 
 def parse_workers(text):
@@ -412,6 +464,10 @@ def parse_args(argv):
     p.add_argument('--baseline-loader', action='store_true',
                    help='pil: time the loader as it was, every JPEG decoded in full, normalised and erased in the '
                         'workers (for comparison)')
+    p.add_argument('--loader-batches', type=int, default=50,
+                   help='batches each loader timing runs over at least (more where many workers buffer ahead)')
+    p.add_argument('--print-freq', type=int, default=10,
+                   help='our loop reads the device every N updates, as main.py\'s --print-freq')
     p.add_argument('--workers', type=parse_workers, default=[0, 2, 4],
                    help='DataLoader workers (pil) or DALI threads (dali), e.g. 0,1,2')
     args = p.parse_args(argv)
@@ -421,8 +477,10 @@ def parse_args(argv):
         p.error('--device cuda but no CUDA device is visible; use --device cpu')
     if args.amp == 'fp16' and args.device == 'cpu':
         p.error('--amp fp16 needs --device cuda; use bf16 or none on the CPU')
-    if min(args.input_size, args.batch_size, args.steps, args.repeats) < 1 or args.warmup < 0:
-        p.error('--input-size, --batch-size, --steps and --repeats must be at least 1, --warmup at least 0')
+    if min(args.input_size, args.batch_size, args.steps, args.repeats, args.loader_batches, args.print_freq) < 1 \
+            or args.warmup < 0:
+        p.error('--input-size, --batch-size, --steps, --repeats, --loader-batches and --print-freq must be at least '
+                '1, --warmup at least 0')
     if args.data_folder and not os.path.isdir(args.data_folder):
         p.error(f'--data-folder {args.data_folder} is not a folder; pass a folder of JPEG images')
     args.matmul_size = args.matmul_size or (8192 if args.device == 'cuda' else 2048)

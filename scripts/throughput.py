@@ -1,4 +1,6 @@
-"""Inference throughput (images/s, fp32) and GMACs of timm models, as EViT's speed test measures them.
+"""Inference throughput (images/s) and GMACs of timm models, as EViT's speed test measures them, in the precision
+training runs in: --amp auto (the default) is main.py's, bf16 autocast on CUDA and fp32 on the CPU; --amp none
+gives EViT's fp32 figures (plain fp32, TF32 off, as torch's default).
 
     python scripts/throughput.py --model deit_small_patch16_224 --model evit_small_patch16_224 \
         --keep-rate 0.7 --fuse-token --batch-size 64 --iters 100 --warmup 100 --device cuda
@@ -23,6 +25,8 @@ import models  # noqa: E402, F401 - registers the project's model families in ti
 import utils  # noqa: E402
 from engine import measure_throughput  # noqa: E402
 from evit_models import EViT  # noqa: E402
+
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 @torch.no_grad()
@@ -60,7 +64,7 @@ def measure_all(args):
     for _ in range(args.repeats):
         for name, model in built.items():
             runs[name].append(measure_throughput(model, args.batch_size, sizes[name], args.device, args.iters,
-                                                 args.warmup))
+                                                 args.warmup, AMP_DTYPES[args.amp]))
     return [[name, keep_label(model), str(args.batch_size), f'{statistics.median(runs[name]):.1f}',
              f'{count_gmacs(model, sizes[name]):.2f}', ' '.join(f'{r:.1f}' for r in runs[name])]
             for name, model in built.items()]
@@ -82,7 +86,13 @@ def parse_args(argv):
     p.add_argument('--warmup', type=int, default=100, help='untimed iterations first')
     p.add_argument('--repeats', type=int, default=1, help='measure this many times and report the median')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--amp', default='auto', choices=['auto', *AMP_DTYPES],
+                   help='autocast dtype; auto: bf16 on CUDA, none (fp32) on the CPU, as main.py trains')
     args = p.parse_args(argv)
+    if args.amp == 'auto':
+        args.amp = 'bf16' if torch.device(args.device).type == 'cuda' else 'none'
+    if args.amp == 'fp16' and torch.device(args.device).type == 'cpu':
+        p.error('--amp fp16 needs --device cuda; use bf16 or none on the CPU')
     for name in args.model:
         if not timm.is_model(name):
             close = difflib.get_close_matches(name, timm.list_models(), n=3)
@@ -99,7 +109,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     rows = measure_all(args)
-    print(f'device {args.device}, fp32, {torch.get_num_threads()} CPU threads, {args.warmup} warm-up + '
+    precision = 'fp32' if args.amp == 'none' else f'{args.amp} autocast'
+    print(f'device {args.device}, {precision}, {torch.get_num_threads()} CPU threads, {args.warmup} warm-up + '
           f'{args.iters} timed iterations, median of {args.repeats}')
     print(markdown_table(['model', 'keep rate', 'batch', 'img/s', 'GMACs', 'runs (img/s)'], rows))
 

@@ -49,6 +49,9 @@ def test_last_line_is_json_with_every_figure(tmp_path):
     assert figures['peak_flops'] > 0 and figures['peak_memory_mb'] > 0
     assert 0 < figures['epoch_start_s'] < 60  # a figure, not a goal: 0.05 s measured on the 2-core machine
     assert figures['mfu'] == pytest.approx(figures['flops_per_image'] * figures['ours_img_s'] / figures['peak_flops'])
+    assert figures['mfu_against'] == 'measured peak' and figures['datasheet_peak_flops'] is None  # the CPU
+    assert figures['loader_batches'] == {'0': 50, '1': 50}
+    assert 'loader clock: from the iterator\'s creation' in result.stdout
     for backend in ('pil', 'dali'):
         speeds = figures['loader_img_s'][backend]
         assert set(speeds) == {'0', '1'} and min(speeds.values()) > 0
@@ -90,3 +93,35 @@ def test_bench_photos_writes_natural_photo_jpegs(tmp_path):
     assert first.std() > 5 and np.abs(first - second).mean() > 5  # photo content, windows of two photos
     with pytest.raises(ValueError, match='larger than the sample photographs'):
         bench_photos.write_photos(str(tmp_path), count=1, width=700, height=40, quality=90)
+
+
+def test_mfu_is_against_the_datasheet_peak_when_the_gpu_is_known():
+    assert bench.datasheet_peak_flops('NVIDIA H100 80GB HBM3', torch.bfloat16) == 989e12
+    assert bench.datasheet_peak_flops('NVIDIA H100 PCIe', torch.float16) == 756e12
+    assert bench.datasheet_peak_flops('NVIDIA H200', torch.bfloat16) == 989e12
+    assert bench.datasheet_peak_flops('NVIDIA A100-SXM4-80GB', torch.bfloat16) == 312e12
+    assert bench.datasheet_peak_flops('Tesla V100-SXM2-32GB', torch.bfloat16) is None  # V100 has no bf16
+    assert bench.datasheet_peak_flops('NVIDIA L4', torch.float16) == 121e12
+    assert bench.datasheet_peak_flops('NVIDIA GeForce RTX 4090', torch.bfloat16) is None
+    known = {'peak_flops': 700e12, 'peak_flops_dtype': 'bfloat16', 'datasheet_peak_flops': 989e12,
+             'gpu': 'NVIDIA H100 80GB HBM3', 'mfu': 0.40, 'mfu_plain': 0.41, 'mfu_measured_peak': 0.565}
+    assert 'datasheet peak (989 TFLOP/s bfloat16 dense): ours 40.0%' in bench.mfu_line(known)
+    assert 'measured peak 700000.0 GFLOP/s (bfloat16 matmul): ours 56.5%' in bench.mfu_line(known)
+    unknown = dict(known, datasheet_peak_flops=None, gpu='NVIDIA GeForce RTX 4090')
+    assert 'no datasheet peak for this GPU' in bench.mfu_line(unknown)
+
+
+def test_the_loader_clock_covers_the_workers_head_start():
+    """Timed from the iterator's creation, over at least 20x the batches the workers hold ready."""
+    assert bench.loader_batches(50, 0) == 50 and bench.loader_batches(50, 14) == 20 * 14 * bench.PREFETCH_FACTOR
+    clock = [0.0]
+    bench.time.perf_counter, real = (lambda: clock[0]), bench.time.perf_counter
+    try:
+        def slow_start():
+            clock[0] += 10.0  # the workers' start-up: before the first batch arrives
+            for _ in range(4):
+                clock[0] += 1.0
+                yield torch.zeros(8, 3, 2, 2), 0
+        assert bench.loader_images_per_sec(slow_start()) == pytest.approx(32 / 14)
+    finally:
+        bench.time.perf_counter = real

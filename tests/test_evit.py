@@ -215,10 +215,14 @@ def test_throughput_script(capsys):
     throughput_main(['--model', 'deit_micro_patch2_16', '--model', MICRO, '--keep-rate', '0.5', '--fuse-token',
                      '--batch-size', '2', '--iters', '2', '--warmup', '1', '--repeats', '3', '--device', 'cpu'])
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('device cpu, fp32,')  # the CPU trains in fp32 by default
     assert lines[1].startswith('| model | keep rate | batch | img/s | GMACs |')
     assert lines[3].startswith('| deit_micro_patch2_16 | - | 2 |')
     assert lines[4].startswith(f'| {MICRO} | 0.5 fused | 2 |')
     assert len(lines[4].split('|')[-2].split()) == 3  # every run is shown
+    throughput_main(['--model', MICRO, '--batch-size', '2', '--iters', '1', '--warmup', '0', '--device', 'cpu',
+                     '--amp', 'bf16'])
+    assert capsys.readouterr().out.startswith('device cpu, bf16 autocast,')
     with pytest.raises(SystemExit) as exit_info:
         throughput_main(['--model', 'evit_smal_patch16_224'])
     assert exit_info.value.code == 2
