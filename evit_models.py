@@ -61,16 +61,33 @@ def keep_rate_at(step, steps_per_epoch, base_keep_rate, shrink_start_epoch, shri
 
 
 class KeepRateSchedule:
-    """EViT's per-update keep-rate warm-up (keep_rate_at), applied to the model and its EMA before every update."""
+    """EViT's per-update keep-rate warm-up (keep_rate_at), applied to the model and its EMA before every update.
 
-    def __init__(self, models, updates_per_epoch, base_keep_rate, shrink_start_epoch, shrink_epochs):
+    With `patch_counts` (the patches per image at every size the run trains and evaluates at), a new rate is set
+    only when it keeps other token counts than the rate set before at one of them: the forward pass is the same,
+    and torch.compile, which specialises on the rate, compiles once per distinct set of kept-token counts instead
+    of at every update."""
+
+    def __init__(self, models, updates_per_epoch, base_keep_rate, shrink_start_epoch, shrink_epochs,
+                 patch_counts=None):
         self.models, self.updates_per_epoch, self.base = models, updates_per_epoch, base_keep_rate
-        self.start, self.epochs = shrink_start_epoch, shrink_epochs
+        self.start, self.epochs, self.patch_counts = shrink_start_epoch, shrink_epochs, patch_counts
 
     def __call__(self, step):
         rate = keep_rate_at(step, self.updates_per_epoch, self.base, self.start, self.epochs)
         for model in self.models:
-            model.set_keep_rate(rate)
+            if self.patch_counts is None or self.kept(model, rate) != self.kept(model, model.keep_rates):
+                model.set_keep_rate(rate)
+
+    def kept(self, model, rate):
+        return [model.kept_token_counts(n, rate) for n in self.patch_counts]
+
+
+def kept_tokens(rate, num_tokens):
+    """How many of num_tokens non-class tokens a keep layer at `rate` keeps; None when all of them."""
+    # round() so that float noise (0.7 * 10 = 7.000000000000001) does not keep one token more
+    kept = max(1, math.ceil(round(rate * num_tokens, 6)))
+    return kept if kept < num_tokens else None
 
 
 def _check_rate(rate):
@@ -147,11 +164,7 @@ class EViTBlock(nn.Module):
 
     def num_kept(self, num_tokens):
         """How many of num_tokens non-class tokens stay; None when all of them do."""
-        if self.keep_rate is None:
-            return None
-        # round() so that float noise (0.7 * 10 = 7.000000000000001) does not keep one token more
-        kept = max(1, math.ceil(round(self.keep_rate * num_tokens, 6)))
-        return kept if kept < num_tokens else None
+        return None if self.keep_rate is None else kept_tokens(self.keep_rate, num_tokens)
 
     def reorganize(self, x, cls_attn, num_kept):
         """Keep the class token and the num_kept most attended tokens, optionally fusing the rest into one.
@@ -206,6 +219,17 @@ class EViT(VisionTransformer):
         """Change the keep rate at run time: one number, one per keep layer, or one per block."""
         for i, rate in zip(self.drop_loc, self._rates_per_keep_layer(keep_rate)):
             self.blocks[i].keep_rate = float(rate)
+
+    def kept_token_counts(self, num_patches, keep_rate=None):
+        """The non-class tokens leaving each keep layer (a fused token included) for num_patches patches, at
+        keep_rate (set_keep_rate's forms) or the rates set now."""
+        rates = self.keep_rates if keep_rate is None else self._rates_per_keep_layer(keep_rate)
+        counts, tokens = [], num_patches
+        for rate in rates:
+            kept = kept_tokens(rate, tokens)
+            tokens = tokens if kept is None else kept + (1 if self.fuse_token else 0)
+            counts.append(tokens)
+        return tuple(counts)
 
     def _rates_per_keep_layer(self, keep_rate):
         if isinstance(keep_rate, Real):

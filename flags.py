@@ -214,7 +214,9 @@ def get_args_parser():
     g.add_argument('--eval', **SWITCH, help='evaluate only')
     g.add_argument('--eval-crop-ratio', '--crop-pct', dest='eval_crop_ratio', default=None, type=float,
                    help="center-crop ratio at evaluation; default: the weights' own (see --mean), else DeiT's 0.875")
-    g.add_argument('--dist-eval', **SWITCH, help='split evaluation over ranks')
+    g.add_argument('--dist-eval', **dict(SWITCH, default=True),
+                   help='split evaluation over ranks, each image scored once (--no-dist-eval: every rank scores all, '
+                   'as DeiT)')
     g.add_argument('--print-freq', default=10, type=int, help='progress line every N updates')
     g.add_argument('--save-every', default=0, type=int, metavar='N',
                    help='also checkpoint every N updates inside an epoch (0: at epoch ends only)')

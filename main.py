@@ -55,20 +55,21 @@ def report_speed(args, model, device):
 
 
 class UpdateHook:
-    """Called after every update: checkpoints every --save-every updates, and on a stop signal or the budget's
-    deadline inside an epoch, where it also ends the epoch (returns True). It times training for the budget."""
+    """Called on the updates where the loop reads the device (engine.read_step): checkpoints every --save-every
+    updates, and on a stop signal or the budget's deadline inside an epoch, where it also ends the epoch (returns
+    True). It times training for the budget."""
 
     def __init__(self, writer, stop_signal, budget, train_state, device, save_every, eval_images):
         self.writer, self.stop_signal, self.budget, self.state, self.device = writer, stop_signal, budget, \
             train_state, device
         self.save_every, self.eval_images = save_every, eval_images
-        self.timer, self.updates = None, 0  # the clock starts after the first update, which also pays for start-up
+        self.timer, self.images = None, 0  # the clock starts at the first call, after start-up
 
-    def __call__(self, epoch, done, metrics):
+    def __call__(self, epoch, done, metrics, images):
+        """`images`: what this process trained since the previous call."""
         if self.budget is not None and self.timer is not None:
-            self.updates += 1
-            images = self.updates * self.state.batch_size * self.state.accum_iter * utils.get_world_size()
-            self.budget.note_training_speed(self.timer.elapsed() / images, self.eval_images)
+            self.images += images * utils.get_world_size()
+            self.budget.note_training_speed(self.timer.elapsed() / self.images, self.eval_images)
         self.timer = self.timer or utils.Timer()
         inside = done < self.state.updates_per_epoch
         out_of_time = self.budget is not None and self.budget.over() and inside
@@ -119,7 +120,8 @@ def build_models(args, device):
     return model, model_ema
 
 
-def build_train_state(args, model, model_ema, n_updates, device):
+def build_train_state(args, model, model_ema, n_updates, device, stages=()):
+    """`stages`: the run plan's (schedules.Stage), whose sizes EViT's keep-rate schedule looks at."""
     optimizer = optimization.build_optimizer(args, model, device)
     state = engine.TrainState(
         optimizer=optimizer, lr_scheduler=optimization.build_scheduler(args, optimizer, n_updates),
@@ -131,8 +133,32 @@ def build_train_state(args, model, model_ema, n_updates, device):
     if model_factory.is_evit(args.model):
         state.before_update = evit_models.KeepRateSchedule(
             [model] + ([model_ema.module] if model_ema else []), n_updates,
-            args.base_keep_rate or min(model.keep_rates), args.shrink_start_epoch, args.shrink_epochs)
+            base_keep_rate(args, model), args.shrink_start_epoch, args.shrink_epochs,
+            patch_counts=patch_counts(model, stages) or None)
     return state
+
+
+def patch_counts(model, stages):
+    """Patches per image at every size the stages train and evaluate at."""
+    patch = model.patch_embed.patch_size[0]
+    return sorted({(size // patch) ** 2 for stage in stages for size in (stage.size, stage.eval_size)})
+
+
+def base_keep_rate(args, model):
+    """EViT's keep rate at the end of its warm-up."""
+    return args.base_keep_rate or min(model.keep_rates)
+
+
+def compiled_graphs_bound(args, model, stages):
+    """At most how many graphs torch.compile makes for the training model: one per stage shape (size and batch);
+    for EViT, times one per set of kept-token counts its keep-rate schedule passes through."""
+    shapes = len({(stage.size, stage.batch) for stage in stages})
+    if not model_factory.is_evit(args.model):
+        return shapes
+    base = base_keep_rate(args, model)
+    changes = sum(a - b for n in patch_counts(model, stages)
+                  for a, b in zip(model.kept_token_counts(n, 1.0), model.kept_token_counts(n, base)))
+    return shapes * (1 + changes)
 
 
 def plan_shape(args, sizes, budget=None):
@@ -199,14 +225,25 @@ def prepare_output_dir(args):
     utils.remove_stale_temp_files(args.output_dir, (CHECKPOINT, BEST_CHECKPOINT))
 
 
-def wrap_for_training(args, model, device):
+def wrap_for_training(args, model, device, stages):
     train_model = model
     if args.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)
     if args.compile:
+        allow_recompiles(compiled_graphs_bound(args, model, stages))
         train_model = torch.compile(train_model)
     return train_model
+
+
+def allow_recompiles(graphs):
+    """Let dynamo keep `graphs` compiled versions of the model: past its limit (8 by default) it would run the
+    model eager from then on, silently, as a 13-size schedule would at its 9th size."""
+    import torch._dynamo.config as dynamo
+    name = 'recompile_limit' if hasattr(dynamo, 'recompile_limit') else 'cache_size_limit'  # torch < 2.6
+    setattr(dynamo, name, max(getattr(dynamo, name), graphs + 1))
+    if hasattr(dynamo, 'accumulated_recompile_limit'):
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * (graphs + 1))
 
 
 def print_run_line(args, model, n_parameters, dataset_train, dataset_val, budget, n_updates):
@@ -297,7 +334,8 @@ def main(args):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loader_val = build_val_loader(args, dataset_val)
     n_updates = optimization.updates_per_epoch(args, len(dataset_train))
-    train_state = build_train_state(args, model, model_ema, n_updates, device)
+    stages = plan_shape(args, sizes).stages()
+    train_state = build_train_state(args, model, model_ema, n_updates, device, stages)
     criterion = losses.build_criterion(args, model, train_state.mixup_fn is not None, device)
     if args.test_speed or args.only_test_speed:
         report_speed(args, model, device)
@@ -331,7 +369,7 @@ def main(args):
                   f'({utils.format_seconds(clock.elapsed())} of training)')
         engine.evaluate(loader_val, model, **eval_kwargs)
         return
-    train_model = wrap_for_training(args, model, device)
+    train_model = wrap_for_training(args, model, device, plan.stages())
     loops = Loops(train_model, model, model_ema, criterion, train_state, eval_kwargs, n_parameters)
     stopped = train(args, plan, loops, writer, (dataset_train, dataset_val, loader_val), start, run_log)
     if stopped:
@@ -408,12 +446,13 @@ def enter_stage(args, dataset_train, dataset_val, stage, previous, loader_val):
 
 def evaluate_and_save(args, loops, loader_val, writer, epoch, stopped):
     """Evaluate after an epoch (or where the budget stopped it) and checkpoint. Returns the epoch's test entries."""
-    test_stats = engine.evaluate(loader_val, loops.model, **loops.eval_kwargs)
+    models = {'': loops.model, **({'EMA ': loops.model_ema.module} if loops.model_ema is not None else {})}
+    scored = engine.evaluate_models(loader_val, models, **loops.eval_kwargs)
+    test_stats = scored['']
     stats = {'test_loss': test_stats['loss'], 'test_acc1': test_stats['acc1'], 'test_acc5': test_stats['acc5'],
              'epoch': epoch, 'skipped_val_images': test_stats['skipped_images']}
     if loops.model_ema is not None:
-        stats['test_ema_acc1'] = engine.evaluate(loader_val, loops.model_ema.module, prefix='EMA ',
-                                                 **loops.eval_kwargs)['acc1']
+        stats['test_ema_acc1'] = scored['EMA ']['acc1']
     best = writer.save_epoch_end(epoch, test_stats['acc1'], stopped)
     if stopped:
         stats['updates_done'] = writer.last['done']

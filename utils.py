@@ -114,6 +114,14 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
+def all_reduce_max(values, device):
+    """The largest of each number over all ranks (identity on one process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def any_rank(flags, device):
     """Each flag, True on every rank when it is True on any rank: how ranks agree to skip a step or to stop, so that
     none of them waits in an all-reduce the others never reach."""

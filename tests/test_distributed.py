@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY, free_port, read_log, run_main
 
-COMMON = TINY + ['--device', 'cpu', '--drop-path', '0', '--unscale-lr', '--dist-eval']
+COMMON = TINY + ['--device', 'cpu', '--drop-path', '0', '--unscale-lr']  # --dist-eval is the default
 
 
 def test_two_ranks_match_one_process(tmp_path):
@@ -33,6 +33,15 @@ def test_two_ranks_match_one_process(tmp_path):
         assert x['test_acc1'] == y['test_acc1'] and abs(x['test_loss'] - y['test_loss']) < 1e-4
         correct = y['test_acc1'] * 359 / 100
         assert abs(correct - round(correct)) < 1e-6
+
+    # --no-dist-eval (DeiT's default: every rank scores all 359 images) gives the numbers of the sharded default.
+    scores = []
+    for extra in ([], ['--no-dist-eval']):
+        scored = run_main(TINY + ['--device', 'cpu', '--eval', '--resume', two / 'checkpoint.pth'] + extra,
+                          launcher=torchrun(2))
+        assert scored.returncode == 0, scored.stderr[-3000:]
+        scores.append([line for line in scored.stdout.splitlines() if line.startswith('* Acc@1')])
+    assert len(scores[0]) == 1 and scores[0] == scores[1]
 
     # Only rank 0 writes: one log header, one line per epoch, one events file, no stray files.
     assert sorted(os.listdir(two)) == ['.lock', 'best_checkpoint.pth', 'checkpoint.pth', 'log.txt', 'tb']

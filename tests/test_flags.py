@@ -64,7 +64,7 @@ DEIT_DEFAULTS = [
 DEIT_SWITCHES = [
     ('repeated_aug', True, '--repeated-aug', '--no-repeated-aug'), ('model_ema', True, '--model-ema', '--no-model-ema'),
     ('pin_mem', True, '--pin-mem', '--no-pin-mem'), ('eval', False, '--eval', None),
-    ('dist_eval', False, '--dist-eval', None), ('ThreeAugment', False, '--ThreeAugment', None),
+    ('dist_eval', True, '--dist-eval', '--no-dist-eval'), ('ThreeAugment', False, '--ThreeAugment', None),
     ('src', False, '--src', None), ('unscale_lr', False, '--unscale-lr', None),
     ('bce_loss', False, '--bce-loss', None), ('compile', False, '--compile', None),
 ]
