@@ -1,8 +1,9 @@
 """The DataLoaders of a run: DeiT's choice of training sampler, per-sample seeds, workers that leave the stop signals
 to the main process, batches that survive unreadable images, and the uint8 batches' last steps on the device."""
+import math
+
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 
 import dali_loader
@@ -63,17 +64,16 @@ def build_val_loader(args, dataset_val):
 class DeviceFinish:
     """The end of the input pipeline, run on the device on whole batches (timm's prefetcher pattern): uint8 images
     from the loader to float, normalised with the run's mean and std (ImageNet's unless the weights say otherwise),
-    then (training) timm's random erasing.
+    then (training) random erasing with timm's distribution, drawn for the whole batch at once.
 
-    The workers then ship a quarter of the bytes and skip the float work. Erasing draws from the main process's
-    RNG, which every checkpoint saves, so a resumed run erases exactly as the uninterrupted one."""
+    The workers then ship a quarter of the bytes and skip the float work. Erasing draws from the device's torch RNG
+    in the main process, which every checkpoint saves, so a resumed run erases exactly as the uninterrupted one."""
 
     def __init__(self, device, re_prob=0.0, re_mode='pixel', re_count=1, mean=IMAGENET_DEFAULT_MEAN,
                  std=IMAGENET_DEFAULT_STD):
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-        self.erasing = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=device) if re_prob > 0 \
-            else None
+        self.erasing = BatchRandomErasing(re_prob, mode=re_mode, max_count=re_count) if re_prob > 0 else None
 
     def __call__(self, images):
         if images.dtype != torch.uint8:
@@ -89,3 +89,53 @@ def device_finish(args, device, is_train):
     if not is_train or args.ThreeAugment:
         return DeviceFinish(device, **stats)
     return DeviceFinish(device, args.reprob, args.remode, args.recount, **stats)
+
+
+class BatchRandomErasing:
+    """timm's RandomErasing (probability, 1 to max_count boxes sharing the area, areas uniform in [min_area,
+    max_area] of the image / count, log-uniform aspect ratios, the first of 10 tries that fits, pixel / rand /
+    const fill) drawn for every image of a batch at once on the device: a few kernels per box instead of a Python
+    loop over the images (2-4 ms of CPU per batch of 256)."""
+
+    def __init__(self, probability=0.5, min_area=0.02, max_area=1 / 3, min_aspect=0.3, mode='const', min_count=1,
+                 max_count=None, tries=10):
+        self.probability, self.min_area, self.max_area, self.tries = probability, min_area, max_area, tries
+        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+        self.min_count, self.max_count = min_count, max_count or min_count
+        if mode not in ('pixel', 'rand', 'const', ''):
+            raise ValueError(f'random erasing mode {mode!r}: use pixel, rand or const')
+        self.mode = mode or 'const'
+
+    def __call__(self, images):
+        batch, channels, height, width = images.shape
+        device = images.device
+        erased = torch.rand(batch, device=device) < self.probability
+        count = torch.randint(self.min_count, self.max_count + 1, (batch,), device=device)
+        rows = torch.arange(height, device=device).view(1, height, 1)
+        cols = torch.arange(width, device=device).view(1, 1, width)
+        for box in range(self.max_count):
+            h, w, fits = self._box_sides(batch, height, width, count, device)
+            top = (torch.rand(batch, device=device) * (height - h + 1)).floor().view(-1, 1, 1)
+            left = (torch.rand(batch, device=device) * (width - w + 1)).floor().view(-1, 1, 1)
+            h, w = h.view(-1, 1, 1), w.view(-1, 1, 1)
+            inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+            mask = inside & (erased & fits & (box < count)).view(-1, 1, 1)
+            images = torch.where(mask.unsqueeze(1), self._fill(images, batch, channels), images)
+        return images
+
+    def _box_sides(self, batch, height, width, count, device):
+        """(h, w, fits) of each image's box: the first of `tries` draws that fits inside the image."""
+        area = torch.empty(batch, self.tries, device=device).uniform_(self.min_area, self.max_area)
+        area = area * (height * width) / count.view(-1, 1)
+        aspect = torch.empty(batch, self.tries, device=device).uniform_(*self.log_aspect).exp()
+        h, w = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+        ok = (h < height) & (w < width)
+        first = ok.int().argmax(dim=1, keepdim=True)
+        return h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1), ok.any(dim=1)
+
+    def _fill(self, images, batch, channels):
+        if self.mode == 'pixel':
+            return torch.randn_like(images)
+        if self.mode == 'rand':
+            return torch.randn(batch, channels, 1, 1, device=images.device, dtype=images.dtype)
+        return torch.zeros((), device=images.device, dtype=images.dtype)
