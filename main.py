@@ -21,7 +21,7 @@ import visualize
 from checkpoints import BEST_CHECKPOINT, CHECKPOINT, CheckpointWriter, check_output_dir, find_resume, resume
 from datasets import build_dataset, build_transform, loader_for, resolve_data_set, resolve_preprocessing
 from flags import check_flag_ranges, get_args_parser, parse_args  # noqa: F401 - get_args_parser: used by the scripts
-from loaders import build_train_loader, build_val_loader, device_finish, sampler_description
+from loaders import DevicePrefetcher, build_train_loader, build_val_loader, device_finish, sampler_description
 from utils import UserError
 
 
@@ -412,7 +412,8 @@ def train(args, plan, loops, writer, data, start, run_log):
             loops.state.batch_size = stage.batch
         plan.epoch_started(epoch, loops.state.updates_per_epoch)
         loader_train.sampler.set_epoch(epoch, start=step * stage.batch * args.accum_iter)
-        train_stats, stopped = engine.train_one_epoch(loops.train_model, loops.criterion, loader_train,
+        train_stats, stopped = engine.train_one_epoch(loops.train_model, loops.criterion,
+                                                      DevicePrefetcher(loader_train, loops.eval_kwargs['device']),
                                                       loops.eval_kwargs['device'], epoch, loops.state, start_step=step,
                                                       start_metrics=metrics)
         if stopped and writer.last.get('signalled'):
@@ -447,7 +448,8 @@ def enter_stage(args, dataset_train, dataset_val, stage, previous, loader_val):
 def evaluate_and_save(args, loops, loader_val, writer, epoch, stopped):
     """Evaluate after an epoch (or where the budget stopped it) and checkpoint. Returns the epoch's test entries."""
     models = {'': loops.model, **({'EMA ': loops.model_ema.module} if loops.model_ema is not None else {})}
-    scored = engine.evaluate_models(loader_val, models, **loops.eval_kwargs)
+    scored = engine.evaluate_models(DevicePrefetcher(loader_val, loops.eval_kwargs['device']), models,
+                                    **loops.eval_kwargs)
     test_stats = scored['']
     stats = {'test_loss': test_stats['loss'], 'test_acc1': test_stats['acc1'], 'test_acc5': test_stats['acc5'],
              'epoch': epoch, 'skipped_val_images': test_stats['skipped_images']}

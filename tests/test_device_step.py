@@ -338,3 +338,26 @@ def test_erasing_in_device_finish_is_the_batch_version_and_resumes_exactly():
     first = finish(images)
     torch.set_rng_state(state)
     assert torch.equal(finish(images), first)
+
+
+# ---------------------------------------------------------------- host-to-device copies ahead of the step
+
+def test_the_next_batchs_copy_is_issued_before_a_batch_is_handed_over():
+    from loaders import DevicePrefetcher
+    events = []
+
+    class RecordingCopies:
+        def issue(self, batch):
+            events.append(('copy', int(batch[1][0])))
+            return batch
+
+        def hand_over(self, batch):
+            events.append(('step', int(batch[1][0])))
+            return batch
+    loader = [(torch.zeros(2, 3), torch.full((2,), i)) for i in range(4)]
+    prefetched = DevicePrefetcher(loader, torch.device('cpu'), copies=RecordingCopies())
+    assert len(prefetched) == 4 and [int(b[1][0]) for b in prefetched] == [0, 1, 2, 3]
+    assert events == [('copy', 0), ('copy', 1), ('step', 0), ('copy', 2), ('step', 1), ('copy', 3), ('step', 2),
+                      ('step', 3)]
+    plain = DevicePrefetcher(loader, torch.device('cpu'))  # on the CPU the batches pass as they are
+    assert all(a is b for a, b in zip(plain, loader))
