@@ -3,15 +3,17 @@ the hardware JPEG decoder where the GPU has one) or, without one, in DALI's CPU 
 
 Batches come in the order of the pil backend's samplers (DeiT's repeated augmentation, sharded by rank, exact
 evaluation shards), as uint8 (B, 3, H, W) images that loaders.DeviceFinish normalises and erases; Mixup / CutMix
-follow in the train loop, as for the pil backend. The pipeline is built for each epoch from the sampler's order,
-so a multi-size stage, a new epoch or a mid-epoch resume each get a pipeline of their own. What DALI draws (crops,
-flips, RandAugment) follows DALI's RNG, seeded from the epoch's first sample seed: the images and their order are
-the pil backend's, their augmentations are not.
+follow in the train loop, as for the pil backend. A loader builds its pipeline once (one per multi-size stage,
+one per evaluation size) and feeds it each pass's order, so a new epoch or a mid-epoch resume starts at once.
+What DALI draws (crops, flips, RandAugment) follows DALI's RNG, seeded from the first pass's first sample seed:
+the images and their order are the pil backend's, their augmentations are not.
 """
 import importlib
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from datasets import auto_augment_policy, preprocessing
@@ -80,44 +82,118 @@ def timm_rand_augment_ops():
 
 
 class DaliLoader:
-    """A DataLoader look-alike: len() batches of (uint8 images, int64 labels) in the order of `sampler`, through a
-    DALI pipeline built for each pass. `sampler.set_epoch` works as for the pil backend's loaders."""
+    """A DataLoader look-alike: len() batches of (uint8 images, int64 labels) in the order of `sampler`, through one
+    DALI pipeline built at the first pass and fed every later pass's order (a new epoch, a mid-epoch resume), so an
+    epoch starts without a rebuild. `sampler.set_epoch` works as for the pil backend's loaders. The files of the
+    next batches are read by `num_threads` threads while DALI decodes the ones before."""
+
+    PREFETCH = 2  # batches in DALI's queue ahead of the one handed over
 
     def __init__(self, samples, sampler, batch_size, pipeline, drop_last, device, num_threads):
         self.samples, self.sampler, self.batch_size, self.pipeline = samples, sampler, batch_size, pipeline
         self.drop_last, self.device, self.num_threads = drop_last, torch.device(device), max(num_threads, 1)
+        self.pipe, self.builds = None, 0
 
     def __len__(self):
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
-        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
         if len(self) == 0:
             return
         order = list(self.sampler)
         indices = [item[0] if isinstance(item, tuple) else item for item in order]
-        seed = order[0][1] % 2 ** 31 if isinstance(order[0], tuple) else 0
-        on_gpu = self.device.type == 'cuda'
-        pipe = self.pipeline(files=[str(self.samples[i][0]) for i in indices],
-                             labels=[int(self.samples[i][1]) for i in indices], on_gpu=on_gpu,
-                             batch_size=self.batch_size, num_threads=self.num_threads, seed=seed,
-                             device_id=self._device_id() if on_gpu else None)
-        pipe.build()
-        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-        for batch in DALIGenericIterator(pipe, ['images', 'labels'], reader_name='reader', last_batch_policy=policy):
-            yield batch[0]['images'], batch[0]['labels'].view(-1).long()
+        if self.pipe is None:
+            self._build(seed=order[0][1] % 2 ** 31 if isinstance(order[0], tuple) else 0)
+        batches = [indices[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)]
+        reads = _FileReads(self.samples, batches, self.num_threads, ahead=self.PREFETCH + 2)
+        self.in_flight = 0
+        try:
+            self._start([reads.next() for _ in range(min(self.PREFETCH, len(batches)))])
+            for k in range(len(batches)):
+                images, labels = self.pipe.outputs()
+                self.in_flight -= 1
+                batch = _to_torch(images, torch.uint8, self.device), \
+                    _to_torch(labels, torch.int32, self.device).view(-1).long()
+                if k + self.PREFETCH < len(batches):
+                    self._schedule(reads.next())
+                yield batch
+        finally:  # also when the consumer stops early: the next pass must not get this one's batches
+            for _ in range(self.in_flight):
+                self.pipe.outputs()
+            reads.close()
 
+    def _start(self, reads):
+        """Feed and schedule the first batches. A new pipeline's first schedule_run runs PREFETCH iterations, so a
+        pass shorter than that repeats its last batch (drained at the end)."""
+        if not self.first_pass:
+            for read in reads:
+                self._schedule(read)
+            return
+        self.first_pass = False
+        for read in reads + reads[-1:] * (self.PREFETCH - len(reads)):
+            self._feed(read)
+        self.pipe.schedule_run()
+        self.in_flight = self.PREFETCH
+
+    def _schedule(self, read):
+        self._feed(read)
+        self.pipe.schedule_run()
+        self.in_flight += 1
+
+    def _build(self, seed):
+        on_gpu = self.device.type == 'cuda'
+        self.pipe = self.pipeline(on_gpu=on_gpu, batch_size=self.batch_size, num_threads=self.num_threads,
+                                  seed=seed, device_id=self._device_id() if on_gpu else None,
+                                  prefetch_queue_depth=self.PREFETCH)
+        self.pipe.build()
+        self.builds, self.first_pass = self.builds + 1, True
+
+    def _feed(self, read):
+        files, labels = read
+        self.pipe.feed_input('encoded', files)
+        self.pipe.feed_input('labels', labels)
 
     def _device_id(self):
         """--device cuda:N, else the device torchrun / Slurm set for this rank."""
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
 
-def _reader(files, labels, pad):
-    from nvidia.dali import fn
-    return fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=pad, name='reader')
+class _FileReads:
+    """The encoded files of each batch, in order, read by a thread pool at most `ahead` batches ahead."""
+
+    def __init__(self, samples, batches, threads, ahead):
+        self.samples, self.batches, self.ahead = samples, batches, ahead
+        self.pool, self.pending, self.submitted = ThreadPoolExecutor(threads), [], 0
+
+    def next(self):
+        """(file contents, labels) of the next batch."""
+        while self.submitted < len(self.batches) and len(self.pending) < self.ahead:
+            batch = self.batches[self.submitted]
+            files = [self.pool.submit(np.fromfile, str(self.samples[i][0]), dtype=np.uint8) for i in batch]
+            self.pending.append((files, [np.array([self.samples[i][1]], dtype=np.int32) for i in batch]))
+            self.submitted += 1
+        files, labels = self.pending.pop(0)
+        return [f.result() for f in files], labels
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _to_torch(outputs, dtype, device):
+    """A copy of a DALI output batch as a torch tensor, on the GPU where DALI left it there."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+    dense = outputs.as_tensor()
+    on_gpu = type(outputs).__name__ == 'TensorListGPU'
+    tensor = torch.empty(dense.shape(), dtype=dtype, device=device if on_gpu else 'cpu')
+    feed_ndarray(dense, tensor, cuda_stream=torch.cuda.current_stream(device) if on_gpu else None)
+    return tensor
+
+
+def _encoded_input():
+    from nvidia.dali import fn, types
+    return (fn.external_source(name='encoded', dtype=types.UINT8, ndim=1),
+            fn.external_source(name='labels', dtype=types.INT32, ndim=1))
 
 
 def train_pipeline(args):
@@ -130,8 +206,8 @@ def train_pipeline(args):
     interp = getattr(types, INTERPOLATIONS[args.train_interpolation])
 
     @pipeline_def(enable_conditionals=True)
-    def pipeline(files, labels, on_gpu):
-        jpegs, targets = _reader(files, labels, pad=False)
+    def pipeline(on_gpu):
+        jpegs, targets = _encoded_input()
         decoder, op = ('mixed', 'gpu') if on_gpu else ('cpu', 'cpu')
         if size > 32:
             images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
@@ -169,8 +245,8 @@ def eval_pipeline(args):
     size = args.input_size
 
     @pipeline_def
-    def pipeline(files, labels, on_gpu):
-        jpegs, targets = _reader(files, labels, pad=True)
+    def pipeline(on_gpu):
+        jpegs, targets = _encoded_input()
         decoder, op = ('mixed', 'gpu') if on_gpu else ('cpu', 'cpu')
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False)
         if size > 32:

@@ -82,6 +82,26 @@ def test_dali_resumes_mid_epoch_on_the_remaining_samples(photos):
     assert torch.cat([labels for _, labels in loader]).tolist() == full[8:].tolist()
 
 
+def test_dali_builds_its_pipeline_once_and_feeds_each_pass_its_order(photos):
+    """Epochs, a pass left after one batch (a stop inside an epoch) and a mid-epoch resume share one pipeline, and
+    none gets another pass's batches."""
+    _, train, val, loader, val_loader = loaders_for('dali', photos)
+    labels_of = lambda order: [train.samples[i][1] for i in order]  # noqa: E731
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        order = [index for index, _ in loader.sampler]
+        assert torch.cat([labels for _, labels in loader]).tolist() == labels_of(order)[:len(loader) * 4]
+    loader.sampler.set_epoch(2)
+    next(iter(loader))  # abandoned after one batch
+    loader.sampler.set_epoch(3, start=4)
+    order = [index for index, _ in loader.sampler]
+    assert torch.cat([labels for _, labels in loader]).tolist() == labels_of(order)[:len(loader) * 4]
+    assert loader.builds == 1
+    for _ in range(2):
+        assert torch.cat([labels for _, labels in val_loader]).tolist() == [label for _, label in val.samples]
+    assert val_loader.builds == 1
+
+
 def test_dali_shards_evaluation_by_rank_like_the_pil_backend(photos):
     args = parse('--data-path', photos, '--data-backend', 'dali', '--input-size', 48, '--dist-eval', '--num-workers', 0)
     val, _ = datasets.build_dataset(False, args, uint8=True)
