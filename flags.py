@@ -29,6 +29,9 @@ def get_args_parser():
     g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
                    help='autocast precision; auto = bf16 on CUDA, none on CPU')
     g.add_argument('--compile', **SWITCH, help='torch.compile the training model')
+    g.add_argument('--compile-backend', default='inductor',
+                   help="torch.compile's backend with --compile (aot_eager: the same graphs without code generation, "
+                        'to debug recompiles)')
     g.add_argument('--cosub', **SWITCH,
                    help="DeiT's Cosub: co-train two stochastic-depth submodels of the model on each batch (BCE)")
     g.add_argument('--skip-nonfinite', default=0, type=int, metavar='N',

@@ -232,8 +232,18 @@ def wrap_for_training(args, model, device, stages):
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)
     if args.compile:
         allow_recompiles(compiled_graphs_bound(args, model, stages))
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, backend=args.compile_backend)
     return train_model
+
+
+def report_compiles(args):
+    """With --compile: how many graphs dynamo made, and whether any frame ran eagerly past its recompile limit."""
+    if not args.compile:
+        return
+    from torch._dynamo.utils import counters
+    eager = sum(n for reason, n in counters['unimplemented'].items() if 'recompile limit' in reason.lower())
+    utils.log(f'| torch.compile: {counters["stats"]["unique_graphs"]} graphs compiled, {eager} frames fell back to '
+              'eager at the recompile limit')
 
 
 def allow_recompiles(graphs):
@@ -374,6 +384,7 @@ def main(args):
     stopped = train(args, plan, loops, writer, (dataset_train, dataset_val, loader_val), start, run_log)
     if stopped:
         return
+    report_compiles(args)
     utils.log(f'| training time {utils.format_seconds(clock.elapsed())}; max accuracy {writer.best:.2f}%')
     save_keep_masks(args, model, dataset_val, device, class_names)
 

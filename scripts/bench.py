@@ -96,7 +96,7 @@ class OursLoop:
         ema = ModelEmaV3(self.model, decay=config.model_ema_decay) if args.model_ema else None
         self.state = train_main.build_train_state(config, self.model, ema, max(args.steps, args.warmup), device)
         self.criterion = losses.build_criterion(config, self.model, self.state.mixup_fn is not None, device)
-        self.train_model = torch.compile(self.model) if args.compile else self.model
+        self.train_model = torch.compile(self.model, backend=args.compile_backend) if args.compile else self.model
 
     def run(self, batches):
         # The engine prints one progress line per epoch; it would interleave with the report.
@@ -109,6 +109,7 @@ class PlainLoop:
     name = 'plain'
 
     def __init__(self, args, device, amp_dtype, compile_model):
+        backend = args.compile_backend
         self.device, self.amp_dtype = device, amp_dtype
         self.model = model_factory.create_at_size(args.model, args.input_size, num_classes=args.num_classes,
                                                   drop_path_rate=args.drop_path).to(device)
@@ -116,7 +117,7 @@ class PlainLoop:
                                            weight_decay=0.05)
         self.criterion = torch.nn.CrossEntropyLoss()
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        self.train_model = torch.compile(self.model) if compile_model else self.model
+        self.train_model = torch.compile(self.model, backend=backend) if compile_model else self.model
         self.mean = torch.tensor(datasets.IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(datasets.IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1) * 255
 
@@ -447,6 +448,7 @@ def parse_args(argv):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'])
     p.add_argument('--amp', default='none', choices=list(AMP_DTYPES), help='autocast dtype of both loops')
     p.add_argument('--compile', action='store_true', help='torch.compile both loops\' models')
+    p.add_argument('--compile-backend', default='inductor', help='torch.compile\'s backend (main.py\'s flag)')
     p.add_argument('--baseline', default='same', choices=['same', 'fp32'],
                    help='plain loop in the same precision and compile choice, or eager fp32')
     p.add_argument('--steps', type=int, default=20, help='updates per timed run')
