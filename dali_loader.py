@@ -69,16 +69,34 @@ def timm_rand_augment_ops():
     with probability 0.5, and DALI applies every op it picks: beside each op an identity, so that a pick is an
     identity half of the time."""
     from nvidia.dali.auto_aug import augmentations as a
-    ops = [a.auto_contrast, a.equalize, a.invert, a.rotate.augmentation((0, 30), True),
+    equalize, sharpness = current_dali_ops()
+    ops = [a.auto_contrast, equalize, a.invert, a.rotate.augmentation((0, 30), True),
            a.posterize.augmentation((4, 0), False, a.poster_mask_uint8),  # 4 bits kept down to 0 (DALI keeps 1)
            a.solarize.augmentation((256, 0)), a.solarize_add.augmentation((0, 110)),
            a.color.augmentation((0, 0.9), True, a.shift_enhance_range),
            a.contrast.augmentation((0, 0.9), True, a.shift_enhance_range),
            a.brightness.augmentation((0, 0.9), True, a.shift_enhance_range),
-           a.sharpness.augmentation((0, 0.9), True, a.sharpness_kernel),
+           sharpness,
            a.shear_x.augmentation((0, 0.3), True), a.shear_y.augmentation((0, 0.3), True),
            a.translate_x.augmentation((0, 0.45), True), a.translate_y.augmentation((0, 0.45), True)]
     return ops + [a.identity] * len(ops)
+
+
+def current_dali_ops():
+    """DALI's equalize and sharpness augmentations, written with the ops' current names (DALI's own still call
+    fn.experimental.equalize and fn.experimental.filter, which warn on every pipeline build)."""
+    from nvidia.dali import fn
+    from nvidia.dali.auto_aug import augmentations as a
+    from nvidia.dali.auto_aug.core import augmentation
+
+    @augmentation
+    def equalize(data, _):
+        return fn.equalize(data)
+
+    @augmentation(mag_range=(0, 0.9), randomly_negate=True, mag_to_param=a.sharpness_kernel, param_device='auto')
+    def sharpness(data, kernel):
+        return fn.filter(data, kernel)
+    return equalize, sharpness
 
 
 class DaliLoader:
@@ -111,7 +129,7 @@ class DaliLoader:
         try:
             self._start([reads.next() for _ in range(min(self.PREFETCH, len(batches)))])
             for k in range(len(batches)):
-                images, labels = self.pipe.outputs()
+                images, labels = self._outputs(batches[k:k + self.in_flight])
                 self.in_flight -= 1
                 batch = _to_torch(images, torch.uint8, self.device), \
                     _to_torch(labels, torch.int32, self.device).view(-1).long()
@@ -122,6 +140,16 @@ class DaliLoader:
             for _ in range(self.in_flight):
                 self.pipe.outputs()
             reads.close()
+
+    def _outputs(self, in_flight):
+        """The oldest scheduled batch; a file DALI cannot decode is a one-line error that names it (DALI's own
+        message names neither file nor batch, and the pipeline is then unusable)."""
+        try:
+            return self.pipe.outputs()
+        except RuntimeError as e:
+            self.pipe, self.in_flight = None, 0  # DALI: "Current pipeline object is no longer valid"
+            paths = [str(self.samples[i][0]) for batch in in_flight for i in batch]
+            raise undecodable(paths, e) from e
 
     def _start(self, reads):
         """Feed and schedule the first batches. A new pipeline's first schedule_run runs PREFETCH iterations, so a
@@ -157,6 +185,21 @@ class DaliLoader:
     def _device_id(self):
         """--device cuda:N, else the device torchrun / Slurm set for this rank."""
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+
+def undecodable(paths, error):
+    """BadImageError for the first of `paths` that the pil backend cannot read either, else for the group."""
+    from images import BadImageError, load_rgb
+    for path in paths:
+        try:
+            load_rgb(path)
+        except BadImageError as bad:
+            return BadImageError(f'{str(bad).split("; ")[0]}; remove it (or train with --data-backend pil '
+                                 '--skip-bad-images, which DALI lacks)')
+    reason = str(error).strip().splitlines()[0][:200]
+    shown = ', '.join(paths[:4]) + (f' and {len(paths) - 4} more' if len(paths) > 4 else '')
+    return BadImageError(f'DALI cannot decode one of {shown}, which the pil backend reads ({reason}); convert it '
+                         '(scripts/prepare_data.py rewrites every image) or use --data-backend pil')
 
 
 class _FileReads:

@@ -1,5 +1,6 @@
 """--data-backend pil / dali: the batches each one gives, the same samplers behind both, DALI's CPU mode end to end."""
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -100,6 +101,30 @@ def test_dali_builds_its_pipeline_once_and_feeds_each_pass_its_order(photos):
     for _ in range(2):
         assert torch.cat([labels for _, labels in val_loader]).tolist() == [label for _, label in val.samples]
     assert val_loader.builds == 1
+
+
+def test_a_file_dali_cannot_decode_is_one_line_naming_it(photos, tmp_path):
+    import shutil
+    root = tmp_path / 'photos'
+    shutil.copytree(photos, root)
+    bad = root / 'val' / CLASSES[0] / 'not_a_photo.jpg'  # evaluation reads every file
+    bad.write_bytes(b'\xff\xd8\xff\xe0 this is not really a jpeg')
+    result = run_main(['--model', 'deit_micro_patch2_16', '--data-path', root, '--data-backend', 'dali',
+                       '--input-size', 16, '--epochs', 1, '--batch-size', 4, '--num-workers', 1, '--device', 'cpu',
+                       '--no-model-ema'])
+    assert result.returncode == 2
+    # DALI's native decoder may log a line of its own ('[jpeg_parser] Invalid marker') before ours; no traceback
+    lines = [line for line in result.stderr.strip().splitlines() if '[jpeg_parser]' not in line]
+    assert len(lines) == 1 and lines[0].startswith(f'error: unreadable image {bad} (')
+    assert 'DALI lacks' in lines[0] and 'Deprecat' not in result.stderr
+
+
+def test_a_file_only_dali_refuses_is_named_with_its_batch(photos):
+    """pil reads every file here, so the error lists the batch's files and says which backend reads them."""
+    paths = sorted(str(p) for p in Path(photos).rglob('*.jpg'))[:6]
+    error = dali_loader.undecodable(paths, RuntimeError("nvImageCodec failure: '#4'\nmore DALI lines"))
+    assert str(error).startswith(f'DALI cannot decode one of {paths[0]}, ') and 'and 2 more' in str(error)
+    assert "nvImageCodec failure: '#4'" in str(error) and '\n' not in str(error)
 
 
 def test_dali_shards_evaluation_by_rank_like_the_pil_backend(photos):
