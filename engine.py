@@ -172,13 +172,16 @@ class DeviceWindow:
         if not bad:
             return
         skipped = metrics.meters['skipped_nonfinite'].total
-        where = f'epoch {epoch}, step {int(first_step)}' if first_step >= 0 else f'epoch {epoch}'
+        # this rank saw the loss; else another rank did, or only the gradients were not finite
+        what, where = (f'loss is {first_bad}', f'epoch {epoch}, step {int(first_step)}') if first_step >= 0 else \
+            ('a loss or gradient is not finite', f'epoch {epoch}')
         if skipped + bad > state.skip_nonfinite:
-            raise NonFiniteLossError(f'loss is {first_bad} at {where} (of {total}) after {int(skipped)} skipped; '
+            raise NonFiniteLossError(f'{what} at {where} (of {total}) after {int(skipped)} skipped; '
                                      'the last checkpoint is kept')
         metrics.update(n=0, skipped_nonfinite=bad)
         more = f' ({int(bad)} updates since the last read)' if bad > 1 else ''
-        utils.log(f'| skipping non-finite loss {first_bad} at {where}{more}')
+        what = f'loss {first_bad}' if first_step >= 0 else 'update (a loss or gradient)'
+        utils.log(f'| skipping non-finite {what} at {where}{more}')
 
 
 class SteadySpeed:
@@ -251,9 +254,12 @@ def _optimizer_step(model, state, global_update, window, read_each_update):
     if state.clip_grad:
         state.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), state.clip_grad)
-    found_inf = None if state.scaler.is_enabled() else gradients_nonfinite(optimizer)
+    fused = getattr(optimizer, '_step_supports_amp_scaling', False)
+    # Only where it can skip the step: a pass over every gradient costs as much as one of the optimizer's own.
+    found_inf = gradients_nonfinite(optimizer) if not state.scaler.is_enabled() and (fused or read_each_update) \
+        else None
     window.end_update(found_inf)
-    if found_inf is not None and getattr(optimizer, '_step_supports_amp_scaling', False):
+    if found_inf is not None and fused:
         optimizer.grad_scale, optimizer.found_inf = None, found_inf
         try:
             optimizer.step()
