@@ -22,7 +22,7 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('training')
     g.add_argument('--batch-size', default=64, type=int, help='images per process per step')
-    g.add_argument('--epochs', default=300, type=int)
+    g.add_argument('--epochs', default=300, type=int, help='epochs of the LR schedule (and of training)')
     g.add_argument('--accum-iter', default=1, type=int, help='micro-batches accumulated per optimizer update')
     g.add_argument('--bce-loss', **SWITCH, help='binary cross-entropy instead of softmax CE')
     g.add_argument('--unscale-lr', **SWITCH, help='do not scale --lr by global batch / 512')
@@ -35,7 +35,7 @@ def get_args_parser():
     g.add_argument('--cosub', **SWITCH,
                    help="DeiT's Cosub: co-train two stochastic-depth submodels of the model on each batch (BCE)")
     g.add_argument('--skip-nonfinite', default=0, type=int, metavar='N',
-                   help='skip up to N steps whose loss is NaN / inf before stopping (default: stop at the first)')
+                   help='skip up to N updates whose loss is NaN / inf before stopping; 0 stops at the first')
 
     g = p.add_argument_group('training on a budget, multi-size training (the 24-hour paper)')
     g.add_argument('--time-budget', type=float, default=None, metavar='HOURS',
@@ -59,7 +59,8 @@ def get_args_parser():
 
     g = p.add_argument_group('model')
     g.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='NAME',
-                   help='any timm model name, or one of ours from models.py')
+                   help='any timm model name, or one this repository registers (DHVT, EViT, LocalViT, PatchConvNet, '
+                        'the *_micro_* test sizes: scripts/model_table.py lists them)')
     g.add_argument('--input-size', default=224, type=int, help='image side in pixels')
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     g.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='stochastic depth rate')
@@ -76,7 +77,7 @@ def get_args_parser():
                         'hs+se for localvit_* models')
     g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True,
                    help='keep an EMA of the weights')
-    g.add_argument('--model-ema-decay', type=float, default=0.99996)
+    g.add_argument('--model-ema-decay', type=float, default=0.99996, help='EMA decay per update')
     g.add_argument('--model-ema-force-cpu', **SWITCH, help='keep the EMA weights on the CPU')
 
     g = p.add_argument_group('optimizer')
@@ -96,8 +97,8 @@ def get_args_parser():
                    help='epoch fractions where LR noise starts / ends')
     g.add_argument('--lr-noise-pct', type=float, default=0.67)
     g.add_argument('--lr-noise-std', type=float, default=1.0)
-    g.add_argument('--warmup-lr', type=float, default=1e-6)
-    g.add_argument('--min-lr', type=float, default=1e-5)
+    g.add_argument('--warmup-lr', type=float, default=1e-6, help='LR at the start of the warm-up')
+    g.add_argument('--min-lr', type=float, default=1e-5, help='lower bound of the cosine schedule')
     g.add_argument('--decay-epochs', type=float, default=30, help='step schedule period')
     g.add_argument('--warmup-epochs', type=int, default=5, help='0 for no warm-up')
     g.add_argument('--cooldown-epochs', type=int, default=10,
@@ -115,7 +116,8 @@ def get_args_parser():
                    help='normalisation standard deviation; default: as --mean')
     g.add_argument('--interpolation', default=None, choices=['bicubic', 'bilinear', 'nearest'],
                    help="resize at evaluation; default: as --mean, else bicubic")
-    g.add_argument('--color-jitter', type=float, default=0.3, metavar='PCT')
+    g.add_argument('--color-jitter', type=float, default=0.3, metavar='PCT',
+                   help='colour jitter strength (used when --aa is none)')
     g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
                    help='timm auto-augment policy, or "none"')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
@@ -200,7 +202,8 @@ def get_args_parser():
     g.add_argument('--data-backend', default='pil', choices=['pil', 'dali'],
                    help='pil: CPU workers decode, uint8 batches normalised, erased and mixed on the device; dali: '
                         'NVIDIA DALI decodes and augments (on the GPU; its CPU mode without one); see docs/data.md')
-    g.add_argument('--num-workers', '--num_workers', dest='num_workers', default=10, type=int)
+    g.add_argument('--num-workers', '--num_workers', dest='num_workers', default=10, type=int,
+                   help='DataLoader worker processes (DALI threads with --data-backend dali)')
     g.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True,
                    help='pin CPU memory in the DataLoader')
 
@@ -210,7 +213,7 @@ def get_args_parser():
     g.add_argument('--output-dir', '--output_dir', dest='output_dir', default='',
                    help='where checkpoints and logs go; empty: save nothing')
     g.add_argument('--device', default='auto', help='cuda, cuda:N, cpu, or auto (cuda when available)')
-    g.add_argument('--seed', default=0, type=int)
+    g.add_argument('--seed', default=0, type=int, help='seed of every RNG; each rank adds its rank')
     g.add_argument('--resume', default='', help='checkpoint path or URL to resume from')
     g.add_argument('--start-epoch', '--start_epoch', dest='start_epoch', default=0, type=int, metavar='N',
                    help='first epoch when not resuming')

@@ -118,6 +118,20 @@ def test_help_shows_groups():
                 and line.endswith(':')}
     assert {'training', 'model', 'optimizer', 'augmentation', 'data', 'run', 'distributed'} <= headings
     assert '--batch-size' in result.stdout and '--ThreeAugment' in result.stdout
+    entries = {}  # flag -> its help text, joined over lines
+    for line in result.stdout.split('\n\n', 1)[1].splitlines():
+        flag = line.split()[0] if line.startswith('  -') else None
+        if flag:
+            entries[flag.rstrip(',')] = line
+            current = flag.rstrip(',')
+        elif line.startswith('    ') and entries:
+            entries[current] += ' ' + line.strip()
+    for flag, default in (('--epochs', '300'), ('--seed', '0'), ('--num-workers', '10'), ('--min-lr', '1e-05'),
+                          ('--warmup-lr', '1e-06'), ('--color-jitter', '0.3'), ('--model-ema-decay', '0.99996'),
+                          ('--skip-nonfinite', '0')):
+        assert f'(default: {default})' in entries[flag], entries[flag]
+    assert entries['--skip-nonfinite'].count('default') == 1
+    assert 'models.py' not in entries['--model']
 
 
 # ---------------------------------------------------------------- -c / --config FILE.yaml
