@@ -21,7 +21,7 @@ def get_args_parser():
     p = argparse.ArgumentParser('DeiT-style training and evaluation', add_help=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('training')
-    g.add_argument('--batch-size', default=64, type=int, help='images per process per step')
+    g.add_argument('--batch-size', '-b', default=64, type=int, help='images per process per step')
     g.add_argument('--epochs', default=300, type=int, help='epochs of the LR schedule (and of training)')
     g.add_argument('--accum-iter', default=1, type=int, help='micro-batches accumulated per optimizer update')
     g.add_argument('--bce-loss', **SWITCH, help='binary cross-entropy instead of softmax CE')
@@ -61,7 +61,7 @@ def get_args_parser():
     g.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='NAME',
                    help='any timm model name, or one this repository registers (DHVT, EViT, LocalViT, PatchConvNet, '
                         'the *_micro_* test sizes: scripts/model_table.py lists them)')
-    g.add_argument('--input-size', default=224, type=int, help='image side in pixels')
+    g.add_argument('--input-size', '--img-size', dest='input_size', default=224, type=int, help='image side in pixels')
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     g.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='stochastic depth rate')
     g.add_argument('--layer-scale', type=float, default=None, metavar='INIT',
@@ -88,6 +88,9 @@ def get_args_parser():
     g.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum')
     g.add_argument('--weight-decay', type=float, default=0.05, help='not applied to norms, biases, '
                    'position embeddings and tokens')
+    g.add_argument('--layer-decay', type=float, default=None, metavar='RATE',
+                   help="layer-wise LR decay (timm's): each block down from the head trains at RATE x the LR of the "
+                        'one above (DeiT III and BEiT fine-tuning)')
 
     g = p.add_argument_group('learning-rate schedule (stepped every update)')
     g.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER',
@@ -106,7 +109,8 @@ def get_args_parser():
                         'at --epochs, so the cosine spans the whole run)')
     g.add_argument('--train-cooldown', **SWITCH,
                    help="also train the --cooldown-epochs at --min-lr after --epochs, as timm's train.py does")
-    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1, help='step schedule factor')
+    g.add_argument('--patience-epochs', type=int, default=10, help='plateau schedule patience (DeiT\'s flag)')
 
     g = p.add_argument_group('augmentation')
     g.add_argument('--mean', type=float, nargs=3, default=None, metavar='M',
@@ -132,6 +136,9 @@ def get_args_parser():
     g.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erase probability')
     g.add_argument('--remode', type=str, default='pixel', help='random erase mode')
     g.add_argument('--recount', type=int, default=1, help='random erase count')
+    g.add_argument('--resplit', **SWITCH,
+                   help="DeiT's flag, accepted and ignored: it splits erasing over augmentation splits, which DeiT's "
+                        'recipes never use')
 
     g = p.add_argument_group('mixup / cutmix')
     g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha; 0 disables')
@@ -171,8 +178,8 @@ def get_args_parser():
     g.add_argument('--distillation-tau', default=1.0, type=float, help='temperature of soft distillation')
 
     g = p.add_argument_group('fine-tuning')
-    g.add_argument('--finetune', default='', help='checkpoint to start from; head and position embedding '
-                   'are adapted to this run')
+    g.add_argument('--finetune', '--initial-checkpoint', dest='finetune', default='',
+                   help='checkpoint to start from; head and position embedding are adapted to this run')
     g.add_argument('--pretrained', **SWITCH,
                    help="start from the weights the model's authors published (downloaded by timm; see README's "
                         'published-weights table)')
@@ -197,12 +204,14 @@ def get_args_parser():
                    help='IMNET / FOLDER: --data-path is an LMDB written by scripts/folder2lmdb.py')
     g.add_argument('--skip-bad-images', **SWITCH,
                    help='skip unreadable image files (counted in the log) instead of stopping')
+    g.add_argument('--num-classes', default=None, type=int,
+                   help="timm's flag: the classes come from the data set; given, it is checked against them")
     g.add_argument('--fake-size', default=1280, type=int, help='FAKE: training images (val gets a fifth)')
     g.add_argument('--fake-classes', default=1000, type=int, help='FAKE: number of classes')
     g.add_argument('--data-backend', default='pil', choices=['pil', 'dali'],
                    help='pil: CPU workers decode, uint8 batches normalised, erased and mixed on the device; dali: '
                         'NVIDIA DALI decodes and augments (on the GPU; its CPU mode without one); see docs/data.md')
-    g.add_argument('--num-workers', '--num_workers', dest='num_workers', default=10, type=int,
+    g.add_argument('--num-workers', '--num_workers', '--workers', '-j', dest='num_workers', default=10, type=int,
                    help='DataLoader worker processes (DALI threads with --data-backend dali)')
     g.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True,
                    help='pin CPU memory in the DataLoader')
@@ -210,7 +219,7 @@ def get_args_parser():
     g = p.add_argument_group('run')
     g.add_argument('-c', '--config', default='', metavar='FILE.yaml',
                    help='recipe: a YAML file of flag values (dest: value); flags on the command line override it')
-    g.add_argument('--output-dir', '--output_dir', dest='output_dir', default='',
+    g.add_argument('--output-dir', '--output_dir', '--output', dest='output_dir', default='',
                    help='where checkpoints and logs go; empty: save nothing')
     g.add_argument('--device', default='auto', help='cuda, cuda:N, cpu, or auto (cuda when available)')
     g.add_argument('--seed', default=0, type=int, help='seed of every RNG; each rank adds its rank')
@@ -235,6 +244,10 @@ def get_args_parser():
     g.add_argument('--dist-url', '--dist_url', dest='dist_url', default='env://', help='process-group init method')
     g.add_argument('--dist-backend', default=None, help='default: nccl on CUDA, gloo on CPU')
     g.add_argument('--dist-timeout', default=30, type=int, help='minutes before a hung collective fails')
+    g.add_argument('--world_size', '--world-size', dest='ignored_world_size', type=int, default=None,
+                   help="DeiT's flag, accepted and ignored: the launcher (torchrun, Slurm) sets the world size")
+    g.add_argument('--distributed', dest='ignored_distributed', **SWITCH,
+                   help="DeiT's flag, accepted and ignored: a distributed launch is found from the launcher")
 
     g = p.add_argument_group('help')
     g.add_argument('-h', '--help', action='help', help='show this message and exit')
@@ -249,6 +262,7 @@ def parse_args(argv=None, parser=None):
     parser = parser or get_args_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     path = config_path(argv)
+    check_known_flags(argv, parser)
     if not path:
         return parser.parse_args(argv)
     recipe = read_config(path, parser)
@@ -262,6 +276,26 @@ def parse_args(argv=None, parser=None):
 
 
 DATA_SETS_WITHOUT_PATH = ('DIGITS', 'FAKE')
+
+
+def note_ignored_flags(args):
+    """DeiT's flags that this repository accepts and ignores, said once."""
+    ignored = [flag for flag, given in (('--world_size', args.ignored_world_size is not None),
+                                        ('--distributed', args.ignored_distributed), ('--resplit', args.resplit))
+               if given]
+    if ignored:
+        print(f'| note: {", ".join(ignored)} accepted for DeiT\'s commands and ignored: the launcher sets the world '
+              'size and distributed mode, and erasing has no augmentation splits to follow', flush=True)
+
+
+def check_known_flags(argv, parser):
+    """A flag the parser does not know is a usage error that suggests the nearest one it does."""
+    _, unknown = parser.parse_known_args(argv)
+    flags = [token.split('=')[0] for token in unknown if token.startswith('-')]
+    if not flags:
+        return
+    close = difflib.get_close_matches(flags[0], list(parser._option_string_actions), n=1, cutoff=0.6)
+    parser.error(f'unrecognized argument {flags[0]}' + (f'; did you mean {close[0]}?' if close else ''))
 
 
 def config_path(argv):
@@ -425,7 +459,8 @@ FLAG_RANGES = {
     'fake_classes': (1, INF, '[)'), 'num_workers': (0, INF, '[)'), 'seed': (0, 2 ** 31 - 1, '[]'),
     'start_epoch': (0, INF, '[)'), 'eval_crop_ratio': (0, 1, '(]'), 'mean': (0, 1, '[]'), 'std': (0, INF, '()'),
     'print_freq': (1, INF, '[)'),
-    'save_every': (0, INF, '[)'), 'dist_timeout': (1, INF, '[)'),
+    'save_every': (0, INF, '[)'), 'dist_timeout': (1, INF, '[)'), 'layer_decay': (0, 1, '(]'),
+    'patience_epochs': (0, INF, '[)'), 'num_classes': (1, INF, '[)'),
 }
 # list-valued flags: how many values each takes (Adan has three betas; timm's Mixup takes a (min, max) pair).
 FLAG_LENGTHS = {'opt_betas': (2, 3), 'cutmix_minmax': (2,), 'lr_noise': (1, 2)}

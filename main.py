@@ -20,7 +20,8 @@ import utils
 import visualize
 from checkpoints import BEST_CHECKPOINT, CHECKPOINT, CheckpointWriter, check_output_dir, find_resume, resume
 from datasets import build_dataset, build_transform, loader_for, resolve_data_set, resolve_preprocessing
-from flags import check_flag_ranges, get_args_parser, parse_args  # noqa: F401 - get_args_parser: used by the scripts
+from flags import (check_flag_ranges, get_args_parser,  # noqa: F401 - get_args_parser: used by the scripts
+                   note_ignored_flags, parse_args)
 from loaders import DevicePrefetcher, build_train_loader, build_val_loader, device_finish, sampler_description
 from utils import UserError
 
@@ -339,7 +340,7 @@ def main(args):
     dataset_train, class_names = build_dataset(True, args, uint8=True)
     dataset_val, _ = build_dataset(False, args, uint8=True)
     report_skipped_files(dataset_train, dataset_val)
-    args.nb_classes = len(class_names)
+    args.nb_classes = classes_of_data(args, class_names)
     model, model_ema = build_models(args, device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loader_val = build_val_loader(args, dataset_val)
@@ -395,6 +396,14 @@ def save_keep_masks(args, model, dataset_val, device, class_names):
         dataset_val.transform = build_transform(False, args)
         visualize.save_keep_masks(model, dataset_val, args.output_dir, args.n_visualization, device, class_names,
                                   mean=args.mean, std=args.std)
+
+
+def classes_of_data(args, class_names):
+    """The class count, from the data set; --num-classes (timm's flag) must agree with it."""
+    if args.num_classes is not None and args.num_classes != len(class_names):
+        raise UserError(f'--num-classes {args.num_classes}, but the data set has {len(class_names)} classes; leave '
+                        '--num-classes out (the classes come from the data) or point --data-path at the right data')
+    return len(class_names)
 
 
 class Loops(NamedTuple):
@@ -499,6 +508,7 @@ def cli(argv=None):
     try:
         args = parse_args(argv, parser)
         check_flag_ranges(args, parser)
+        note_ignored_flags(args)
         main(args)
     except UserError as e:
         utils.exit_with_error(one_line(e))

@@ -41,7 +41,8 @@ def build_scheduler(args, optimizer, n_updates):
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
         warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
-        noise_std=args.lr_noise_std, noise_seed=args.seed, step_on_epochs=False, updates_per_epoch=n_updates)
+        noise_std=args.lr_noise_std, noise_seed=args.seed, patience_epochs=args.patience_epochs,
+        step_on_epochs=False, updates_per_epoch=n_updates)
     return scheduler
 
 
@@ -52,6 +53,8 @@ def build_optimizer(args, model, device):
         extra['betas'] = tuple(args.opt_betas)
     if args.opt == 'adamw' and device.type == 'cuda':
         extra['fused'] = True
+    if args.layer_decay is not None:
+        extra['layer_decay'] = args.layer_decay
     return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                momentum=args.momentum, eps=args.opt_eps, filter_bias_and_bn=True, **extra)
 

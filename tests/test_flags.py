@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import main
+from flags import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ('main.py', 'checkpoints.py', 'model_factory.py', 'engine.py', 'datasets.py', 'samplers.py', 'losses.py',
@@ -271,3 +273,55 @@ def test_a_data_path_wins_over_a_recipe_data_set_without_one(tmp_path, capsys):
     assert "data_set DIGITS left out" in capsys.readouterr().out
     assert main.parse_args(['-c', recipe, '--data-path', str(tmp_path), '--data-set', 'DIGITS']).data_set == 'DIGITS'
     assert main.parse_args(['-c', recipe]).data_set == 'DIGITS'
+
+
+# ---------------------------------------------------------------- timm's spellings and DeiT's remaining flags
+
+@pytest.mark.parametrize('flags, dest, value', [
+    (['-b', '32'], 'batch_size', 32), (['-j', '3'], 'num_workers', 3), (['--workers', '3'], 'num_workers', 3),
+    (['--img-size', '64'], 'input_size', 64), (['--output', 'runs/x'], 'output_dir', 'runs/x'),
+    (['--initial-checkpoint', 'w.pth'], 'finetune', 'w.pth'), (['--crop-pct', '0.9'], 'eval_crop_ratio', 0.9),
+    (['--num-classes', '10'], 'num_classes', 10), (['--layer-decay', '0.65'], 'layer_decay', 0.65),
+    (['--patience-epochs', '3'], 'patience_epochs', 3)])
+def test_timm_spellings_reach_the_same_flags(flags, dest, value):
+    assert getattr(parse_args(flags), dest) == value
+
+
+def test_an_unknown_flag_suggests_the_nearest(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(['--lr-decay', '0.65'])
+    assert exit_info.value.code == 2
+    assert 'unrecognized argument --lr-decay; did you mean --layer-decay?' in capsys.readouterr().err
+
+
+def test_deits_launcher_flags_are_accepted_and_ignored_with_a_note(capsys):
+    import flags
+    args = parse_args(['--world_size', '8', '--distributed', '--resplit'])
+    flags.note_ignored_flags(args)
+    assert 'note: --world_size, --distributed, --resplit accepted' in capsys.readouterr().out
+    assert not hasattr(args, 'world_size') and not hasattr(args, 'distributed')  # the launcher sets these
+
+
+def test_layer_decay_scales_the_lr_of_each_block_and_the_schedule_keeps_it():
+    import model_factory
+    import optimization
+    args = parse_args(['--model', 'deit_micro_patch2_16', '--input-size', '16', '--layer-decay', '0.5'])
+    args.nb_classes = 10
+    model = model_factory.build_model(args)
+    optimizer = optimization.build_optimizer(args, model, torch.device('cpu'))
+    scheduler = optimization.build_scheduler(args, optimizer, 10)
+    scheduler.step_update(60)  # past the warm-up
+    scales = sorted({g['lr_scale'] for g in optimizer.param_groups})
+    assert scales == [0.5 ** k for k in range(len(scales) - 1, -1, -1)] and len(scales) == len(model.blocks) + 2
+    top = max(optimizer.param_groups, key=lambda g: g['lr_scale'])
+    for group in optimizer.param_groups:
+        assert group['lr'] == pytest.approx(top['lr'] * group['lr_scale'])
+
+
+def test_num_classes_must_agree_with_the_data():
+    from conftest import run_main
+    result = run_main(['--data-set', 'DIGITS', '--model', 'deit_micro_patch2_16', '--input-size', '16',
+                       '--num-classes', '5', '--epochs', '1', '--device', 'cpu', '--num-workers', '0'])
+    assert result.returncode == 2
+    assert result.stderr.strip() == ('error: --num-classes 5, but the data set has 10 classes; leave --num-classes '
+                                     'out (the classes come from the data) or point --data-path at the right data')
