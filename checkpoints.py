@@ -190,8 +190,7 @@ def resume(args, path, model, train_state, model_ema, class_names, ckpt=None):
     train_state.optimizer.load_state_dict(ckpt['optimizer'])
     # The LR is a function of the update count and this run's flags, so the saved scheduler state is kept for
     # the record but not restored: a resume with a longer --epochs stretches the schedule to the new length.
-    if 'scaler' in ckpt:
-        train_state.scaler.load_state_dict(ckpt['scaler'])
+    restore_scaler(train_state.scaler, ckpt.get('scaler'))
     if model_ema is not None and 'model_ema' in ckpt:
         model_ema.module.load_state_dict(ckpt['model_ema'])
     if 'rng' in ckpt:
@@ -200,6 +199,17 @@ def resume(args, path, model, train_state, model_ema, class_names, ckpt=None):
     utils.log(f'| resumed from {path} at epoch {epoch}, step {step}')
     metrics = ckpt.get('epoch_metrics') if utils.is_main_process() else None
     return epoch, step, ckpt.get('max_accuracy', 0.0), metrics, ckpt.get('elapsed_seconds', 0.0)
+
+
+def restore_scaler(scaler, state):
+    """The saved loss scale, for a run that scales (--amp fp16). A checkpoint made without one (DeiT's on the CPU
+    saves `{}`) leaves the scale at its start value."""
+    if not scaler.is_enabled():
+        return
+    if state:
+        scaler.load_state_dict(state)
+    else:
+        utils.log('| the checkpoint holds no loss scale (it was trained without fp16): the scale starts afresh')
 
 
 def scaler_state(scaler):

@@ -569,3 +569,15 @@ def test_scripts_torchrun_ends_a_stop_with_one_line_and_exit_0(tmp_path, how):
     assert proc.returncode == 0, rest
     assert 'Traceback' not in rest and 'checkpoint saved' in rest
     assert load(tmp_path / 'checkpoint.pth')['step_in_epoch'] > 0
+
+
+def test_an_fp16_run_resumes_a_checkpoint_saved_without_a_scale():
+    """DeiT's checkpoints made on the CPU hold `scaler: {}`; ours of a bf16 / fp32 run hold a disabled scaler's."""
+    from checkpoints import restore_scaler, scaler_state
+    scaler = torch.amp.GradScaler('cpu', enabled=True, init_scale=1024.0)
+    restore_scaler(scaler, {})
+    assert scaler.get_scale() == 1024.0
+    saved = torch.amp.GradScaler('cpu', enabled=True, init_scale=8.0)
+    restore_scaler(scaler, scaler_state(saved))
+    assert scaler.get_scale() == 8.0
+    restore_scaler(torch.amp.GradScaler('cpu', enabled=False), scaler_state(saved))  # a bf16 run ignores it
