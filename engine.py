@@ -93,7 +93,7 @@ def train_one_epoch(model, criterion, loader, device, epoch, state: TrainState, 
         if not is_last_micro:
             continue
 
-        _optimizer_step(model, state, epoch * total + update, window, read_each_update)
+        _optimizer_step(model, state, window, read_each_update)
         speed.update_done(update_images)
         read_images, update_images = read_images + update_images, 0
         done = update + 1
@@ -245,7 +245,7 @@ def gradients_nonfinite(optimizer):
     return found
 
 
-def _optimizer_step(model, state, global_update, window, read_each_update):
+def _optimizer_step(model, state, window, read_each_update):
     """Unscale and clip, optimizer and scaler steps, gradients to None, the EMA's update. A non-finite update is
     skipped: by GradScaler, by a fused optimizer's found_inf on the device, or (other optimizers under
     --skip-nonfinite) after reading the flag; with nothing to skip (--skip-nonfinite 0) the next read stops the run
@@ -272,7 +272,9 @@ def _optimizer_step(model, state, global_update, window, read_each_update):
     state.scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if state.model_ema is not None:
-        state.model_ema.update(unwrap(model), step=global_update)
+        # No step: a constant decay from the first update, as DeiT's ModelEma (with step=, ModelEmaV3 copies the
+        # model for the first two updates).
+        state.model_ema.update(unwrap(model))
 
 
 def _print_progress(epoch, done, total, metrics, lr, speed, epoch_start, start_step):

@@ -361,3 +361,24 @@ def test_the_next_batchs_copy_is_issued_before_a_batch_is_handed_over():
                       ('step', 3)]
     plain = DevicePrefetcher(loader, torch.device('cpu'))  # on the CPU the batches pass as they are
     assert all(a is b for a, b in zip(plain, loader))
+
+
+def test_the_ema_decays_at_its_rate_from_the_first_update_as_deits():
+    """DeiT's ModelEma: ema <- d * ema + (1 - d) * w after every update, starting from the initial weights."""
+    model = build_model()
+    decay = 0.9
+    ema = ModelEmaV3(model, decay=decay)
+    expected = [p.detach().clone() for p in model.parameters()]
+    weights = []
+
+    def record(u):
+        if u > 0:
+            weights.append([p.detach().clone() for p in model.parameters()])
+    state = train_state(model, torch.optim.SGD(model.parameters(), lr=0.1), model_ema=ema, before_update=record,
+                        updates_per_epoch=3)
+    engine.train_one_epoch(model, loss_nan_at(set()), batches(n=3), torch.device('cpu'), 0, state)
+    weights.append([p.detach().clone() for p in model.parameters()])
+    for step in weights:
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, step)]
+    for e, got in zip(expected, ema.module.parameters()):
+        assert torch.allclose(e, got, atol=1e-6)
