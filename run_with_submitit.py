@@ -10,6 +10,7 @@ import argparse
 import copy
 import getpass
 import os
+import shutil
 import signal
 import sys
 
@@ -30,7 +31,8 @@ def get_args_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group('job (submitit / Slurm)')
     g.add_argument('--ngpus', default=8, type=int, help='GPUs per node, one task each (CPU tasks with --device cpu)')
-    g.add_argument('--nodes', default=2, type=int, help='nodes to request')
+    g.add_argument('--nodes', default=None, type=int, help='nodes to request; default: 2 on Slurm (DeiT\'s), 1 with '
+                   'the local executor')
     g.add_argument('--timeout', default=2800, type=int, help='minutes per job; a requeued job gets as many again')
     g.add_argument('--job_dir', default='', help='submitit logs and, unless --output_dir says otherwise, '
                    'checkpoints; %%j is the job id. Empty: $SHARED_DIR/$USER/experiments/%%j, with /checkpoint '
@@ -58,7 +60,7 @@ def default_job_dir():
 def check_job_args(args):
     for flag in ('--ngpus', '--nodes', '--timeout', '--mem-per-gpu', '--cpus-per-task'):
         value = getattr(args, flag[2:].replace('-', '_'))
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f'{flag} must be at least 1, got {value}; pass a positive number')
 
 
@@ -77,6 +79,16 @@ def executor_parameters(args):
     return params
 
 
+def resolve_nodes(args, cluster):
+    """DeiT's 2 nodes on Slurm; the local and debug executors run on this machine only."""
+    if args.nodes is None:
+        args.nodes = 2 if cluster == 'slurm' else 1
+    elif args.nodes > 1 and cluster != 'slurm':
+        found = '' if args.cluster else ' (Slurm\'s sbatch was not found, so the job runs here)'
+        raise ValueError(f'--nodes {args.nodes} needs Slurm, and the {cluster} executor runs on this machine'
+                         f'{found}; pass --nodes 1, or submit from a Slurm login node')
+
+
 def build_executor(args):
     executor = submitit.AutoExecutor(folder=args.job_dir, cluster=args.cluster,
                                      slurm_max_num_timeout=args.max_requeues)
@@ -90,6 +102,7 @@ def build_executor(args):
 def submit(args):
     """Submit a Trainer for args; returns the submitit job."""
     check_job_args(args)
+    resolve_nodes(args, args.cluster or ('slurm' if shutil.which('sbatch') else 'local'))  # as AutoExecutor picks
     args.job_dir = args.job_dir or default_job_dir()
     args.output_dir = args.output_dir or args.job_dir
     # The job unpickles Trainer by module name: make this folder importable wherever the job starts.

@@ -175,3 +175,20 @@ def test_rank_zero_prints_which_launcher_it_chose(monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == \
         '| launcher: submitit (world size 4, backend gloo, init env://)'
 
+
+
+def test_nodes_default_to_deits_two_on_slurm_and_one_here(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv('SHARED_DIR', raising=False)
+    args = parse([])
+    run_with_submitit.resolve_nodes(args, 'slurm')
+    assert args.nodes == 2
+    args = parse([])
+    run_with_submitit.resolve_nodes(args, 'local')
+    assert args.nodes == 1
+    with pytest.raises(SystemExit) as exit_info:
+        run_with_submitit.cli(['--cluster', 'local', '--nodes', '2', '--device', 'cpu', '--ngpus', '1'])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ('error: --nodes 2 needs Slurm, and the local executor runs on this '
+                                               'machine; pass --nodes 1, or submit from a Slurm login node')
+    assert os.listdir(tmp_path) == []  # refused before any job folder is made
