@@ -52,6 +52,8 @@ def check_flags(args):
                                                          f'(DALI: {", ".join(INTERPOLATIONS)})'),
         (aa is not None and not RAND_AUGMENT.match(aa), f'--aa {args.aa} (DALI has RandAugment, rand-mM-nN, '
                                                          'only)'),
+        (aa is not None and RAND_AUGMENT.match(aa) and magnitude_bound(aa) > 10,
+         f'--aa {args.aa} (magnitudes above 10: DALI\'s op ranges end at timm\'s magnitude 10)'),
     ]
     for problem, what in unsupported:
         if problem:
@@ -59,9 +61,16 @@ def check_flags(args):
 
 
 def rand_augment_n_m(aa):
-    """(number of ops, magnitude out of 10) from timm's 'rand-m9-mstd0.5-inc1' (n defaults to 2, m to 10)."""
+    """(number of ops, magnitude out of 10) from timm's 'rand-m9-mstd0.5-inc1' (n defaults to 2, m to 10). timm
+    clips the magnitude to 10 unless `mmax` raises the bound, which check_flags refuses for DALI."""
     options = dict(re.findall(r'-([a-z]+)(\d+(?:\.\d+)?)', aa))
-    return int(options.get('n', 2)), float(options.get('m', 10))
+    return int(options.get('n', 2)), min(max(float(options.get('m', 10)), 0.0), 10.0)
+
+
+def magnitude_bound(aa):
+    """timm's `mmax` of a RandAugment policy (10 when not given)."""
+    found = re.search(r'-mmax(\d+(?:\.\d+)?)', aa)
+    return float(found.group(1)) if found else 10.0
 
 
 def timm_rand_augment_ops():

@@ -188,6 +188,16 @@ def test_dali_rand_augment_has_timms_ops_and_ranges_each_applied_half_the_time()
 def test_dali_rand_augment_follows_deits_n_and_m():
     assert dali_loader.rand_augment_n_m('rand-m9-mstd0.5-inc1') == (2, 9.0)
     assert dali_loader.rand_augment_n_m('rand-n3-m7') == (3, 7.0)
+    assert dali_loader.rand_augment_n_m('rand-m15') == (2, 10.0)  # timm clips at 10 without mmax
+
+
+def test_dali_takes_every_rand_augment_magnitude_pil_takes(photos):
+    _, _, _, loader, _ = loaders_for('dali', photos, 48, '--aa', 'rand-m15-mstd0.5')
+    loader.sampler.set_epoch(0)
+    images, _ = next(iter(loader))
+    assert images.shape == (4, 3, 48, 48)
+    with pytest.raises(main.UserError, match=r'magnitudes above 10'):
+        dali_loader.check_flags(parse('--data-backend', 'dali', '--data-path', photos, '--aa', 'rand-m15-mmax20'))
 
 
 @pytest.mark.parametrize('flags, named', [
