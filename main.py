@@ -1,5 +1,6 @@
 """Train and evaluate DeiT-style vision transformers: flags -> build everything -> epoch loop."""
 import argparse
+import json
 import os
 import re
 import sys
@@ -330,7 +331,8 @@ def report_skipped_files(*splits):
 # ---------------------------------------------------------------- main
 
 def main(args):
-    check_output_dir(args.output_dir)
+    if not args.eval:  # evaluation writes nothing it needs: a read-only run folder is fine
+        check_output_dir(args.output_dir)
     utils.end_workers_at_exit()
     device = resolve_config(args)
     lock_output_dir(args, device)
@@ -363,7 +365,8 @@ def main(args):
                        finish_batch=device_finish(args, device, is_train=False))
     if args.eval:
         print_preprocessing(args)
-        engine.evaluate(loader_val, model, **eval_kwargs)
+        stats = engine.evaluate(loader_val, model, **eval_kwargs)
+        write_eval_results(args, stats, resume_path or args.finetune or 'pretrained')
         save_keep_masks(args, model, dataset_val, device, class_names)
         return
     prepare_output_dir(args)
@@ -388,6 +391,28 @@ def main(args):
     report_compiles(args)
     utils.log(f'| training time {utils.format_seconds(clock.elapsed())}; max accuracy {writer.best:.2f}%')
     save_keep_masks(args, model, dataset_val, device, class_names)
+
+
+def write_eval_results(args, stats, weights):
+    """--eval's figures as output_dir/eval.json, where the folder can be written (rank 0); a line says where."""
+    if not args.output_dir or not utils.is_main_process():
+        return
+    path = os.path.join(args.output_dir, 'eval.json')
+    result = dict(stats, weights=weights, data_set=args.data_set, data_path=args.data_path,
+                  input_size=args.input_size, mean=args.mean, std=args.std, crop_pct=args.eval_crop_ratio,
+                  interpolation=args.interpolation)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        temporary = f'{path}.tmp{os.getpid()}'
+        with open(temporary, 'w') as f:
+            json.dump(result, f, indent=1)
+        os.replace(temporary, path)
+    except OSError as e:
+        if os.path.exists(f'{path}.tmp{os.getpid()}'):
+            os.remove(f'{path}.tmp{os.getpid()}')
+        print(f'| eval.json not written: {args.output_dir} cannot be written ({e.strerror or e})', flush=True)
+        return
+    print(f'| results in {path}', flush=True)
 
 
 def save_keep_masks(args, model, dataset_val, device, class_names):

@@ -581,3 +581,18 @@ def test_an_fp16_run_resumes_a_checkpoint_saved_without_a_scale():
     restore_scaler(scaler, scaler_state(saved))
     assert scaler.get_scale() == 8.0
     restore_scaler(torch.amp.GradScaler('cpu', enabled=False), scaler_state(saved))  # a bf16 run ignores it
+
+
+def test_eval_writes_eval_json_and_needs_no_writable_folder(tmp_path):
+    import json
+    run = tmp_path / 'run'
+    assert run_main(TINY + ['--epochs', '1', '--output_dir', run]).returncode == 0
+    scored = run_main(TINY + ['--eval', '--output_dir', run])
+    assert scored.returncode == 0, scored.stderr
+    results = json.loads((run / 'eval.json').read_text())
+    assert f'* Acc@1 {results["acc1"]:.3f}' in scored.stdout and results['weights'] == str(run / 'checkpoint.pth')
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('')
+    elsewhere = run_main(TINY + ['--eval', '--resume', run / 'checkpoint.pth', '--output_dir', blocker / 'sub'])
+    assert elsewhere.returncode == 0, elsewhere.stderr  # training would refuse this folder; evaluation need not
+    assert f'eval.json not written: {blocker / "sub"} cannot be written' in elsewhere.stdout
