@@ -9,6 +9,7 @@ from timm.layers import resample_abs_pos_embed
 import engine
 import model_parts
 import models  # noqa: F401 - each family registers the published checkpoint layouts it reads
+import optimization
 import utils
 from utils import UserError
 
@@ -256,7 +257,8 @@ class CheckpointWriter:
     def build(self, epoch, step_in_epoch, max_accuracy, epoch_metrics=None):
         """epoch: the last completed epoch (DeiT's meaning); step_in_epoch: updates done in epoch + 1."""
         ckpt = {'model': engine.unwrap(self.model).state_dict(), 'optimizer': self.state.optimizer.state_dict(),
-                'lr_scheduler': self.state.lr_scheduler.state_dict(), 'scaler': scaler_state(self.state.scaler),
+                'lr_scheduler': optimization.deit_scheduler_state(self.args, self.state.optimizer),
+                'scaler': scaler_state(self.state.scaler),
                 'epoch': epoch, 'step_in_epoch': step_in_epoch, 'max_accuracy': max_accuracy,
                 'epoch_metrics': epoch_metrics or {}, 'rng': utils.get_rng_state(),
                 'elapsed_seconds': self.clock.elapsed(),

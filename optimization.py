@@ -46,6 +46,22 @@ def build_scheduler(args, optimizer, n_updates):
     return scheduler
 
 
+def deit_scheduler_state(args, optimizer):
+    """The state DeiT's epoch scheduler would save for this run (timm's, stepped on epochs), for checkpoint.pth's
+    lr_scheduler: DeiT's main.py loads it into its own scheduler and then calls step(epoch). Ours is stepped per
+    update; its state would switch DeiT's scheduler to updates and freeze its LR. (This run never reads it back: its
+    LR is a function of the update count.)"""
+    import torch
+    shadow = torch.optim.SGD([{'params': [torch.zeros(1)], 'lr': group.get('initial_lr', group['lr'])}
+                              for group in optimizer.param_groups])
+    scheduler, _ = create_scheduler_v2(
+        shadow, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
+        noise_std=args.lr_noise_std, noise_seed=args.seed, patience_epochs=args.patience_epochs)
+    return scheduler.state_dict()
+
+
 def build_optimizer(args, model, device):
     """timm's factory; weight decay skips norms, biases and the model's no_weight_decay() names."""
     extra = {}

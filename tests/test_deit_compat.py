@@ -77,6 +77,33 @@ def test_our_checkpoint_stores_a_scaler_state_with_fp16_off(tmp_path):
     assert checkpoints.scaler_state(enabled)['scale'] == 8.0
 
 
+def test_deits_epoch_scheduler_resumed_from_our_checkpoint_follows_its_own_curve(tmp_path):
+    """DeiT's main.py: create_scheduler(args, optimizer), load_state_dict(checkpoint['lr_scheduler']), then
+    step(epoch) after each epoch. Our per-update state froze its LR (4.917e-6 at epochs 3-5); the epoch state we save
+    gives the LR a fresh DeiT scheduler gives."""
+    out = tmp_path / 'run'
+    assert run_main(TINY + ['--epochs', '1', '--warmup-epochs', '5', '--output_dir', out]).returncode == 0
+    saved = torch.load(out / 'checkpoint.pth', weights_only=True)
+    args = main.get_args_parser().parse_args(TINY + ['--warmup-epochs', '5'])
+    optimization.scale_lr(args)
+
+    def deit_scheduler():
+        optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=args.lr)
+        return optimizer, optimization.create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, cooldown_epochs=args.cooldown_epochs,
+            min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs)[0]
+    resumed_opt, resumed = deit_scheduler()
+    resumed.load_state_dict(saved['lr_scheduler'])
+    fresh_opt, fresh = deit_scheduler()
+    lrs = []
+    for epoch in (3, 4, 5):
+        resumed.step(epoch)
+        fresh.step(epoch)
+        lrs.append(resumed_opt.param_groups[0]['lr'])
+        assert lrs[-1] == pytest.approx(fresh_opt.param_groups[0]['lr'])
+    assert len(set(lrs)) == 3  # not frozen
+
+
 @pytest.mark.parametrize('launcher, flags, repeats', [
     ('single', [], 1),  # python main.py: DeiT's RandomSampler
     ('torchrun', [], 3),  # any world size, one process included: DeiT's RASampler

@@ -336,15 +336,15 @@ class Killed(BaseException):
 
 
 def tiny_writer(out, max_accuracy=0.0, on_save_error='continue'):
-    import argparse
     import engine
+    import main
     import schedules
     from checkpoints import CheckpointWriter
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     state = engine.TrainState(optimizer=optimizer, lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
                               scaler=torch.amp.GradScaler('cpu', enabled=False))
-    args = argparse.Namespace(output_dir=str(out), on_save_error=on_save_error)
+    args = main.get_args_parser().parse_args(['--output_dir', str(out), '--on-save-error', on_save_error])
     return CheckpointWriter(args, model, state, None, ['a', 'b'], schedules.Clock(), max_accuracy=max_accuracy)
 
 
