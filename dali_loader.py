@@ -222,7 +222,7 @@ class _FileReads:
         """(file contents, labels) of the next batch."""
         while self.submitted < len(self.batches) and len(self.pending) < self.ahead:
             batch = self.batches[self.submitted]
-            files = [self.pool.submit(np.fromfile, str(self.samples[i][0]), dtype=np.uint8) for i in batch]
+            files = [self.pool.submit(_read_file, str(self.samples[i][0])) for i in batch]
             self.pending.append((files, [np.array([self.samples[i][1]], dtype=np.int32) for i in batch]))
             self.submitted += 1
         files, labels = self.pending.pop(0)
@@ -230,6 +230,14 @@ class _FileReads:
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_file(path):
+    from images import BadImageError
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise BadImageError(f'unreadable image {path} ({e.strerror or e}); remove it or restore the file') from e
 
 
 def _to_torch(outputs, dtype, device):

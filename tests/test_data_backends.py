@@ -119,6 +119,17 @@ def test_a_file_dali_cannot_decode_is_one_line_naming_it(photos, tmp_path):
     assert 'DALI lacks' in lines[0] and 'Deprecat' not in result.stderr
 
 
+def test_a_file_gone_during_a_dali_run_is_named(photos, tmp_path):
+    import shutil
+    root = tmp_path / 'photos'
+    shutil.copytree(photos, root)
+    _, _, val, _, val_loader = loaders_for('dali', str(root))
+    gone = val.samples[0][0]  # evaluation reads every file
+    os.remove(gone)
+    with pytest.raises(main.UserError, match=f'^unreadable image {gone} '):
+        list(val_loader)
+
+
 def test_a_file_only_dali_refuses_is_named_with_its_batch(photos):
     """pil reads every file here, so the error lists the batch's files and says which backend reads them."""
     paths = sorted(str(p) for p in Path(photos).rglob('*.jpg'))[:6]
