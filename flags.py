@@ -460,7 +460,7 @@ FLAG_RANGES = {
     'start_epoch': (0, INF, '[)'), 'eval_crop_ratio': (0, 1, '(]'), 'mean': (0, 1, '[]'), 'std': (0, INF, '()'),
     'print_freq': (1, INF, '[)'),
     'save_every': (0, INF, '[)'), 'dist_timeout': (1, INF, '[)'), 'layer_decay': (0, 1, '(]'),
-    'patience_epochs': (0, INF, '[)'), 'num_classes': (1, INF, '[)'),
+    'patience_epochs': (0, INF, '[)'), 'num_classes': (1, INF, '[)'), 'ignored_world_size': (1, INF, '[)'),
 }
 # list-valued flags: how many values each takes (Adan has three betas; timm's Mixup takes a (min, max) pair).
 FLAG_LENGTHS = {'opt_betas': (2, 3), 'cutmix_minmax': (2,), 'lr_noise': (1, 2)}
