@@ -1,5 +1,6 @@
 """Whole runs of main.py as a user starts them: outputs, learning, evaluation, resume and fine-tuning."""
 import glob
+import json
 import os
 import re
 
@@ -106,7 +107,7 @@ def test_learns_digits(learned):
     assert epochs[-1]['test_loss'] < 2.2  # a uniform guess scores log(10) = 2.303
 
 
-def test_eval_reproduces_logged_accuracy_and_writes_nothing(learned, tmp_path):
+def test_eval_reproduces_logged_accuracy_and_writes_only_its_results(learned, tmp_path):
     _, out = learned
     before = snapshot(out)
     result = ok(run_main(LEARN + ['--eval', '--resume', out / 'checkpoint.pth', '--output_dir', tmp_path / 'eval']))
@@ -114,7 +115,8 @@ def test_eval_reproduces_logged_accuracy_and_writes_nothing(learned, tmp_path):
     last = read_log(out)[1][-1]
     assert load(out / 'checkpoint.pth')['epoch'] == last['epoch']
     assert acc1 == round(last['test_acc1'], 3)
-    assert not (tmp_path / 'eval').exists()
+    assert os.listdir(tmp_path / 'eval') == ['eval.json']
+    assert json.loads((tmp_path / 'eval' / 'eval.json').read_text())['acc1'] == pytest.approx(last['test_acc1'])
     assert snapshot(out) == before
     assert trained_epochs(result.stdout) == []
 
