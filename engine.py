@@ -137,11 +137,15 @@ class DeviceWindow:
     updates had a non-finite loss, the first such loss and its update."""
 
     def __init__(self, device):
-        self.device, self.pending = device, False
-        zero = torch.zeros((), device=device, dtype=torch.float64)
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.pending = False
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
         self.loss_sum, self.good_images, self.bad_updates = zero.clone(), zero.clone(), zero.clone()
         self.first_bad, self.first_bad_step = zero.clone(), zero - 1
-        self.update_bad = torch.zeros((), device=device, dtype=torch.bool)
+        self.update_bad = torch.zeros((), device=self.device, dtype=torch.bool)
 
     def add_loss(self, loss, batch_size, update):
         finite = torch.isfinite(loss)
@@ -168,7 +172,7 @@ class DeviceWindow:
         bad = utils.all_reduce_max([bad], self.device)[0]
         if good_images:
             metrics.update(loss=loss_sum / good_images, n=good_images)
-        self.__init__(self.device)
+        self.reset()
         if not bad:
             return
         skipped = metrics.meters['skipped_nonfinite'].total

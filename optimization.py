@@ -37,13 +37,18 @@ def run_epochs(args):
 def build_scheduler(args, optimizer, n_updates):
     """DeiT's schedule (timm's, over --epochs; its cool-down comes after them), stepped every update: the LR at the
     first update of epoch e is the LR DeiT's per-epoch scheduler gives epoch e."""
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-        warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
-        noise_std=args.lr_noise_std, noise_seed=args.seed, patience_epochs=args.patience_epochs,
-        step_on_epochs=False, updates_per_epoch=n_updates)
+    scheduler, _ = create_scheduler_v2(optimizer, **schedule_options(args), step_on_epochs=False,
+                                       updates_per_epoch=n_updates)
     return scheduler
+
+
+def schedule_options(args):
+    """timm's create_scheduler_v2 arguments from DeiT's schedule flags."""
+    return dict(sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+                cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
+                warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
+                noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed,
+                patience_epochs=args.patience_epochs)
 
 
 def deit_scheduler_state(args, optimizer):
@@ -54,11 +59,7 @@ def deit_scheduler_state(args, optimizer):
     import torch
     shadow = torch.optim.SGD([{'params': [torch.zeros(1)], 'lr': group.get('initial_lr', group['lr'])}
                               for group in optimizer.param_groups])
-    scheduler, _ = create_scheduler_v2(
-        shadow, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-        warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
-        noise_std=args.lr_noise_std, noise_seed=args.seed, patience_epochs=args.patience_epochs)
+    scheduler, _ = create_scheduler_v2(shadow, **schedule_options(args))
     return scheduler.state_dict()
 
 

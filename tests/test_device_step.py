@@ -1,5 +1,6 @@
 """The training step as a GPU sees it, counted on CPU: host reads per update, non-finite steps skipped on the
 device, a skipped step's graph freed."""
+import dataclasses
 import gc
 import os
 import sys
@@ -148,13 +149,8 @@ def test_a_skipped_steps_outputs_are_freed_before_the_next_forward():
     model.register_forward_hook(keep_weakref)
     model.register_forward_pre_hook(check_previous)
     engine.train_one_epoch(model, loss_nan_at({1}), batches(n=4), torch.device('cpu'), 0,
-                           dataclass_replace(state, updates_per_epoch=4))
+                           dataclasses.replace(state, updates_per_epoch=4))
     assert alive_at_forward == [False, False, False, False]
-
-
-def dataclass_replace(state, **changes):
-    import dataclasses
-    return dataclasses.replace(state, **changes)
 
 
 # ---------------------------------------------------------------- evaluation
