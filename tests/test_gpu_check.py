@@ -22,6 +22,7 @@ def test_gpu_check_prints_every_figure_as_json_lines(tmp_path):
                             env=dict(os.environ, PYTHON=sys.executable))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert not [r for r in rows if 'error' in r]
     steps = {(r['size'], r['compile']) for r in rows if r['check'] == 'step'}
     assert steps == {(16, False), (16, True), (8, False), (8, True)}
     assert all(r['ours_img_s'] > 0 and r['plain_img_s'] > 0 and r['mfu'] > 0 for r in rows if r['check'] == 'step')
@@ -43,3 +44,24 @@ def test_gpu_check_without_a_gpu_says_how_to_run_it():
     result = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'gpu_check.sh')], capture_output=True, text=True,
                             timeout=120, env=dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES=''))
     assert result.returncode == 2 and 'pass --tiny' in result.stderr
+
+
+def test_a_failing_check_is_one_error_row_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import gpu_check
+
+    def broken(*args):
+        raise RuntimeError('bench.py failed (1): out of memory')
+    monkeypatch.setattr(gpu_check, 'step_and_feed', broken)
+    monkeypatch.setattr(gpu_check, 'failures', [])
+    failures = gpu_check.main(['--tiny', '--checks', 'step,parity', '--work-dir', str(tmp_path)])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    errors = [r for r in rows if 'error' in r]
+    assert len(errors) == 4 and errors[0] == {'check': 'step', 'error': 'RuntimeError: bench.py failed (1): out of memory'}
+    assert [r['check'] for r in rows if 'error' not in r] == ['parity'] and failures == ['step'] * 4
+
+
+def test_an_unknown_check_is_refused():
+    result = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'gpu_check.sh'), '--tiny', '--checks', 'speed'],
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
+    assert result.returncode == 2 and "unknown check 'speed'" in result.stderr
