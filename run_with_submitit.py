@@ -5,6 +5,7 @@ timeout or preemption a checkpoint at the next update and a requeue that resumes
         --data-path /path/to/imagenet --partition PARTITION --timeout 4320
 
 Every main.py flag is accepted; output_dir defaults to the job folder (--job_dir, where %j is the job id).
+Without Slurm, `--cluster local` runs the same job on this machine.
 """
 import argparse
 import copy
@@ -47,7 +48,8 @@ def get_args_parser():
     g.add_argument('--qos', default='', help='Slurm quality of service')
     g.add_argument('--max-requeues', default=30, type=int, help='timeouts a run may requeue after')
     g.add_argument('--cluster', default=None, choices=['slurm', 'local', 'debug'],
-                   help='submitit executor; default: slurm where sbatch exists, else local (for a laptop)')
+                   help='submitit executor; default: slurm, refused where sbatch is not found; local runs the '
+                   'job on this machine (no Slurm needed)')
     return parser
 
 
@@ -79,14 +81,21 @@ def executor_parameters(args):
     return params
 
 
+def resolve_cluster(args):
+    """Slurm unless --cluster says otherwise; without Slurm a job never starts here unasked."""
+    args.cluster = args.cluster or 'slurm'
+    if args.cluster == 'slurm' and not shutil.which('sbatch'):
+        raise ValueError('Slurm was not found (no sbatch on the PATH); submit from a Slurm login node, or pass '
+                         '--cluster local to run the job on this machine')
+
+
 def resolve_nodes(args, cluster):
     """DeiT's 2 nodes on Slurm; the local and debug executors run on this machine only."""
     if args.nodes is None:
         args.nodes = 2 if cluster == 'slurm' else 1
     elif args.nodes > 1 and cluster != 'slurm':
-        found = '' if args.cluster else ' (Slurm\'s sbatch was not found, so the job runs here)'
-        raise ValueError(f'--nodes {args.nodes} needs Slurm, and the {cluster} executor runs on this machine'
-                         f'{found}; pass --nodes 1, or submit from a Slurm login node')
+        raise ValueError(f'--nodes {args.nodes} needs Slurm, and the {cluster} executor runs on this machine; '
+                         'pass --nodes 1, or submit from a Slurm login node')
 
 
 def build_executor(args):
@@ -102,8 +111,9 @@ def build_executor(args):
 def submit(args):
     """Submit a Trainer for args; returns the submitit job."""
     check_job_args(args)
-    resolve_nodes(args, args.cluster or ('slurm' if shutil.which('sbatch') else 'local'))  # as AutoExecutor picks
-    args.job_dir = args.job_dir or default_job_dir()
+    resolve_cluster(args)
+    resolve_nodes(args, args.cluster)
+    args.job_dir = os.path.abspath(args.job_dir or default_job_dir())
     args.output_dir = args.output_dir or args.job_dir
     # The job unpickles Trainer by module name: make this folder importable wherever the job starts.
     paths = os.environ.get('PYTHONPATH', '').split(os.pathsep)
@@ -120,6 +130,17 @@ def distributed_env(job_env):
             'MASTER_PORT': str(20000 + int(digits) % 20000)}  # the same port again after a requeue
 
 
+def remove_id_placeholder_folder():
+    """submitit's local controller makes the job folder under its literal name (`.../%j`) before the id is known,
+    while the job's files go to the folder named by the id: drop that empty placeholder."""
+    folder = os.environ.get('SUBMITIT_FOLDER', '')
+    if '%j' in folder:
+        try:
+            os.rmdir(folder)
+        except OSError:  # already removed by another task, never made (Slurm), or not empty
+            pass
+
+
 class Trainer:
     """The submitted callable. submitit calls checkpoint() on timeout or preemption and requeues what it returns."""
 
@@ -127,6 +148,7 @@ class Trainer:
         self.args = args
 
     def __call__(self):
+        remove_id_placeholder_folder()
         job_env = submitit.JobEnvironment()
         self.args.output_dir = str(self.args.output_dir).replace('%j', str(job_env.job_id))
         os.environ.update(distributed_env(job_env))

@@ -45,6 +45,7 @@ def uninterrupted(tmp_path_factory):
 def test_local_job_trains_into_its_job_folder(uninterrupted):
     out = str(uninterrupted.paths.folder)
     assert out.endswith(str(uninterrupted.job_id))  # %j became the job id
+    assert os.listdir(os.path.dirname(out)) == [str(uninterrupted.job_id)]  # no literal %j folder beside it
     assert {'checkpoint.pth', 'log.txt'} <= set(os.listdir(out))
     assert load(os.path.join(out, 'checkpoint.pth'))['epoch'] == 0
     log = uninterrupted.stdout()
@@ -192,3 +193,27 @@ def test_nodes_default_to_deits_two_on_slurm_and_one_here(capsys, monkeypatch, t
     assert capsys.readouterr().err.strip() == ('error: --nodes 2 needs Slurm, and the local executor runs on this '
                                                'machine; pass --nodes 1, or submit from a Slurm login node')
     assert os.listdir(tmp_path) == []  # refused before any job folder is made
+
+
+def test_without_slurm_the_job_is_refused_unless_local_is_asked_for(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv('SHARED_DIR', raising=False)
+    monkeypatch.setattr(run_with_submitit.shutil, 'which', lambda name: None)
+    for cluster in ([], ['--cluster', 'slurm']):
+        with pytest.raises(SystemExit) as exit_info:
+            run_with_submitit.cli(cluster + ['--nodes', '1', '--ngpus', '1', '--data-path', '/path/to/imagenet'])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == (
+            'error: Slurm was not found (no sbatch on the PATH); submit from a Slurm login node, or pass '
+            '--cluster local to run the job on this machine')
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_local_job_leaves_no_literal_job_id_folder(tmp_path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('PYTHONPATH', os.environ.get('PYTHONPATH', ''))
+        job = run_with_submitit.submit(parse(LOCAL_JOB + ['--device', 'cpu', '--data-path', tmp_path / 'missing',
+                                                          '--job_dir', tmp_path / 'jobs' / '%j']))
+    with pytest.raises(submitit.core.utils.FailedJobError, match='--data-path .*missing does not exist'):
+        job.result()
+    assert os.listdir(tmp_path / 'jobs') == [str(job.job_id)]
