@@ -1,6 +1,8 @@
 """Checkpoints of a run: what they hold, where a run resumes from, and how they are written (rank 0 only)."""
+import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -33,6 +35,24 @@ def check_output_dir(path):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f'--output_dir {path} cannot be written ({existing} is not writable); pass a folder you '
                         'can write to')
+
+
+def check_output_file(path, flag):
+    """Before any work: UserError when a tool cannot write its output file `path` (named by `flag`): it is a folder,
+    lies under a file, or its nearest existing folder cannot be written. Missing folders are the writer's to make.
+    Returns whether a file is there already, which the tool replaces and says so."""
+    if os.path.isdir(path):
+        raise UserError(f'{flag} {path} is a folder; pass a file name, such as {os.path.join(path, "out.png")}')
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f'{flag} {path} lies under {existing}, which is a file; pass a path in a folder')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f'{flag} {path} cannot be written ({existing} is not writable); pass a path you can write to')
+    if os.path.isfile(path) and not os.access(path, os.W_OK):
+        raise UserError(f'{flag} {path} is a read-only file; pass another name')
+    return os.path.isfile(path)
 
 
 def find_resume(args, class_names):
@@ -178,8 +198,10 @@ def resume(args, path, model, train_state, model_ema, class_names, ckpt=None):
     """
     ckpt, _ = load_weights(model, path, 'checkpoint', ckpt=ckpt,
                            fix='pass the --model, data set and size it was trained with')
+    if args.eval and args.use_ema:
+        load_ema_for_eval(model, path, ckpt)
     if args.eval or 'optimizer' not in ckpt:
-        utils.log(f'| loaded weights from {path}')
+        utils.log(f'| loaded {"EMA " if args.eval and args.use_ema else ""}weights from {path}')
         return args.start_epoch, 0, 0.0, None, 0.0
     if not isinstance(ckpt.get('epoch'), int):
         raise UserError(f'checkpoint {path} has an optimizer state but no epoch number; pass --finetune {path} '
@@ -202,6 +224,40 @@ def resume(args, path, model, train_state, model_ema, class_names, ckpt=None):
     return epoch, step, ckpt.get('max_accuracy', 0.0), metrics, ckpt.get('elapsed_seconds', 0.0)
 
 
+def load_ema_for_eval(model, path, ckpt):
+    """--eval --use-ema (timm's validate.py): the checkpoint's EMA weights in place of its model's."""
+    if not isinstance(ckpt.get('model_ema'), dict):
+        raise UserError(f'checkpoint {path} holds no EMA weights (it was trained with --no-model-ema); evaluate '
+                        'its model without --use-ema')
+    model.load_state_dict(ckpt['model_ema'])
+
+
+HISTORY = 'checkpoint_hist.json'
+
+
+def history_name(epoch):
+    return f'checkpoint-{epoch}.pth'
+
+
+def read_history(folder):
+    """The kept epochs of --checkpoint-hist whose files are still there."""
+    try:
+        with open(os.path.join(folder, HISTORY)) as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [e for e in kept if os.path.isfile(os.path.join(folder, history_name(e['epoch'])))]
+
+
+def link_or_copy(source, target):
+    if os.path.exists(target):
+        os.remove(target)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def restore_scaler(scaler, state):
     """The saved loss scale, for a run that scales (--amp fp16). A checkpoint made without one (DeiT's on the CPU
     saves `{}`) leaves the scale at its start value."""
@@ -222,9 +278,11 @@ def scaler_state(scaler):
 class CheckpointWriter:
     """Builds checkpoint dicts and writes them (rank 0 only), honouring --on-save-error."""
 
-    def __init__(self, args, model, train_state, model_ema, class_names, clock, max_accuracy=0.0):
+    def __init__(self, args, model, train_state, model_ema, class_names, clock, max_accuracy=0.0, resumed=False):
         self.args, self.model, self.state, self.ema, self.class_names = args, model, train_state, model_ema, class_names
         self.clock, self.best = clock, max_accuracy
+        # a fresh start (--overwrite) does not rank its epochs against the history of the run the folder held
+        self.history = read_history(args.output_dir) if resumed and args.output_dir else []
         best_path = os.path.join(args.output_dir, BEST_CHECKPOINT) if args.output_dir else ''
         if max_accuracy > 0 and best_path and utils.is_main_process() and not os.path.isfile(best_path):
             utils.log(f'| {best_path} is missing: the best accuracy starts again from 0 so that it is rewritten')
@@ -251,8 +309,31 @@ class CheckpointWriter:
         if is_best and self.write(ckpt, BEST_CHECKPOINT):
             self.best = acc1
         ckpt['max_accuracy'] = self.best
-        self.write(ckpt, CHECKPOINT)
+        if self.write(ckpt, CHECKPOINT) and not stopped and self.args.checkpoint_hist:
+            self.keep_in_history(epoch, acc1)
         return self.best
+
+    def keep_in_history(self, epoch, acc1):
+        """--checkpoint-hist N: checkpoint-EPOCH.pth for the N best epochs, listed best first in checkpoint_hist.json
+        (which a resumed run reads). A kept file is a hard link to the checkpoint.pth just written, whose later
+        replacement (a rename) leaves it as it is."""
+        if not self.args.output_dir or not utils.is_main_process():
+            return
+        folder = self.args.output_dir
+        ranked = sorted(self.history + [{'epoch': epoch, 'acc1': acc1}], key=lambda e: (-e['acc1'], e['epoch']))
+        if {'epoch': epoch, 'acc1': acc1} not in ranked[:self.args.checkpoint_hist]:
+            return
+        try:
+            link_or_copy(os.path.join(folder, CHECKPOINT), os.path.join(folder, history_name(epoch)))
+            utils.write_json_atomically(os.path.join(folder, HISTORY), ranked[:self.args.checkpoint_hist])
+        except OSError as e:
+            print(f'| warning: could not keep epoch {epoch} as {history_name(epoch)} ({e.strerror or e})', flush=True)
+            return
+        self.history = ranked[:self.args.checkpoint_hist]
+        for dropped in ranked[self.args.checkpoint_hist:]:
+            path = os.path.join(folder, history_name(dropped['epoch']))
+            if os.path.isfile(path):
+                os.remove(path)
 
     def build(self, epoch, step_in_epoch, max_accuracy, epoch_metrics=None):
         """epoch: the last completed epoch (DeiT's meaning); step_in_epoch: updates done in epoch + 1."""

@@ -227,6 +227,7 @@ def get_args_parser():
     g.add_argument('--start-epoch', '--start_epoch', dest='start_epoch', default=0, type=int, metavar='N',
                    help='first epoch when not resuming')
     g.add_argument('--eval', **SWITCH, help='evaluate only')
+    g.add_argument('--use-ema', **SWITCH, help="with --eval: score the checkpoint's EMA weights (timm's --use-ema)")
     g.add_argument('--eval-crop-ratio', '--crop-pct', dest='eval_crop_ratio', default=None, type=float,
                    help="center-crop ratio at evaluation; default: the weights' own (see --mean), else DeiT's 0.875")
     g.add_argument('--dist-eval', **dict(SWITCH, default=True),
@@ -235,6 +236,9 @@ def get_args_parser():
     g.add_argument('--print-freq', default=10, type=int, help='progress line every N updates')
     g.add_argument('--save-every', default=0, type=int, metavar='N',
                    help='also checkpoint every N updates inside an epoch (0: at epoch ends only)')
+    g.add_argument('--checkpoint-hist', default=0, type=int, metavar='N',
+                   help='also keep the N best epochs as checkpoint-EPOCH.pth (timm\'s CheckpointSaver; 0: only '
+                   'checkpoint.pth and best_checkpoint.pth, as DeiT)')
     g.add_argument('--on-save-error', default='continue', choices=['continue', 'stop'],
                    help='when a checkpoint cannot be written, keep the last good one and go on, or stop')
     g.add_argument('--overwrite', **SWITCH,
@@ -459,7 +463,7 @@ FLAG_RANGES = {
     'fake_classes': (1, INF, '[)'), 'num_workers': (0, INF, '[)'), 'seed': (0, 2 ** 31 - 1, '[]'),
     'start_epoch': (0, INF, '[)'), 'eval_crop_ratio': (0, 1, '(]'), 'mean': (0, 1, '[]'), 'std': (0, INF, '()'),
     'print_freq': (1, INF, '[)'),
-    'save_every': (0, INF, '[)'), 'dist_timeout': (1, INF, '[)'), 'layer_decay': (0, 1, '(]'),
+    'save_every': (0, INF, '[)'), 'checkpoint_hist': (0, INF, '[)'), 'dist_timeout': (1, INF, '[)'), 'layer_decay': (0, 1, '(]'),
     'patience_epochs': (0, INF, '[)'), 'num_classes': (1, INF, '[)'), 'ignored_world_size': (1, INF, '[)'),
 }
 # list-valued flags: how many values each takes (Adan has three betas; timm's Mixup takes a (min, max) pair).

@@ -1,6 +1,5 @@
 """Train and evaluate DeiT-style vision transformers: flags -> build everything -> epoch loop."""
 import argparse
-import json
 import os
 import re
 import sys
@@ -185,6 +184,9 @@ def check_something_to_do(args, resume_path):
     if args.eval and not (resume_path or args.finetune or args.pretrained):
         raise UserError('--eval needs weights to score, and there is no checkpoint: pass --resume FILE, an '
                         '--output_dir that holds checkpoint.pth, --finetune FILE or --pretrained')
+    if args.use_ema and not (args.eval and resume_path):
+        raise UserError("--use-ema scores a checkpoint's EMA weights: use it with --eval and --resume FILE (or an "
+                        '--output_dir that holds checkpoint.pth)')
 
 
 def lock_output_dir(args, device):
@@ -373,7 +375,8 @@ def main(args):
     run_log = start_log(args, resume_path)
     clock = schedules.Clock(offset=start[4])
     plan = build_plan(args, sizes, clock, train_state, n_updates)
-    writer = CheckpointWriter(args, model, train_state, model_ema, class_names, clock, max_accuracy=start[2])
+    writer = CheckpointWriter(args, model, train_state, model_ema, class_names, clock, max_accuracy=start[2],
+                              resumed=bool(resume_path))
     train_state.after_update = UpdateHook(writer, utils.StopSignal(), plan.budget, train_state, device,
                                           args.save_every, len(dataset_val) * (2 if model_ema else 1))
     if utils.is_main_process():
@@ -403,13 +406,8 @@ def write_eval_results(args, stats, weights):
                   interpolation=args.interpolation)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
-        temporary = f'{path}.tmp{os.getpid()}'
-        with open(temporary, 'w') as f:
-            json.dump(result, f, indent=1)
-        os.replace(temporary, path)
+        utils.write_json_atomically(path, result)
     except OSError as e:
-        if os.path.exists(f'{path}.tmp{os.getpid()}'):
-            os.remove(f'{path}.tmp{os.getpid()}')
         print(f'| eval.json not written: {args.output_dir} cannot be written ({e.strerror or e})', flush=True)
         return
     print(f'| results in {path}', flush=True)
@@ -499,7 +497,7 @@ def evaluate_and_save(args, loops, loader_val, writer, epoch, stopped):
     stats = {'test_loss': test_stats['loss'], 'test_acc1': test_stats['acc1'], 'test_acc5': test_stats['acc5'],
              'epoch': epoch, 'skipped_val_images': test_stats['skipped_images']}
     if loops.model_ema is not None:
-        stats['test_ema_acc1'] = scored['EMA ']['acc1']
+        stats['test_ema_acc1'], stats['test_ema_loss'] = scored['EMA ']['acc1'], scored['EMA ']['loss']
     best = writer.save_epoch_end(epoch, test_stats['acc1'], stopped)
     if stopped:
         stats['updates_done'] = writer.last['done']

@@ -329,17 +329,14 @@ def load_checkpoint(path, map_location='cpu'):
             return {'model': load_file(path, device=str(map_location))}
         except Exception as e:  # noqa: BLE001
             raise UserError(f'checkpoint {path} is not a readable safetensors file ({e})') from e
+    if not written_by_torch_save(path):
+        raise UserError(f'{path} is unreadable: not a checkpoint (torch.save did not write it); pass a checkpoint '
+                        'written by main.py or torch.save, or a .safetensors file')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # DeiT stores its args as a Namespace
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle / zip / EOF errors all mean "unreadable"
-        unsafe = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(e))
-        if unsafe:
-            raise UserError(f'checkpoint {path} holds a pickled {unsafe.group(1)}, which a safe (weights_only) load '
-                            'refuses; save only tensors, plain containers and argparse.Namespace in it') from e
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'checkpoint {path} is unreadable or not a safe (weights_only) torch checkpoint '
-                        f'({reason[:120]}); pass a checkpoint written by torch.save') from e
+        raise UserError(refused_load_message(path, e)) from e
     if not isinstance(ckpt, dict):
         raise UserError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a dict of weights; pass a checkpoint '
                         'written by main.py or DeiT, or torch.save(model.state_dict())')
@@ -348,11 +345,38 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
+LEGACY_MAGIC = b'\x8a\x0a' + 0x1950a86a20f9469cfc6c.to_bytes(10, 'little')  # after the 2 bytes of the pickle protocol
+
+
+def written_by_torch_save(path):
+    """Whether the file starts as torch.save's do: a zip archive (since torch 1.6), else a pickle of its magic number."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(2 + len(LEGACY_MAGIC))
+    except OSError:
+        return True  # torch.load names what is wrong with it
+    return head.startswith(b'PK\x03\x04') or (head[:1] == b'\x80' and head[2:] == LEGACY_MAGIC)
+
+
+def refused_load_message(path, error):
+    """One line for a file torch.load(weights_only=True) refused, where torch's own text runs to a paragraph: the
+    pickled global it blocked, else the unpickler's reason."""
+    text = str(error)
+    blocked = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", text)
+    if blocked:
+        return (f'checkpoint {path} holds a pickled {blocked.group(1) or blocked.group(2)}, which a safe '
+                '(weights_only) load refuses; save only tensors, plain containers and argparse.Namespace in it')
+    detail = text.split('WeightsUnpickler error:')[-1].strip()
+    reason = detail.splitlines()[0] if detail else type(error).__name__
+    return (f'checkpoint {path} is unreadable or not a safe (weights_only) torch checkpoint ({reason[:120]}); pass a '
+            'checkpoint written by torch.save')
+
+
 def saved_args(path):
     """The 'args' dict a local checkpoint records, read without its tensors (memory-mapped); {} when there is none
     or the file cannot be read that way (load_checkpoint reports real problems later)."""
     if not path or path.startswith(('http://', 'https://')) or path.endswith('.safetensors') or \
-            not os.path.isfile(path):
+            not os.path.isfile(path) or not written_by_torch_save(path):
         return {}
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -476,6 +500,18 @@ def read_log(path):
             elif isinstance(entry, dict) and 'epoch' in entry:
                 epochs.append(entry)
     return headers, epochs
+
+
+def write_json_atomically(path, obj):
+    """path holds the old JSON or the new, never a part: a temporary file renamed over it."""
+    temporary = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(temporary, 'w') as f:
+            json.dump(obj, f, indent=1)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def append_json_line(path, obj):

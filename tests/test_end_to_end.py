@@ -176,3 +176,45 @@ def test_resume_with_more_epochs_stretches_the_schedule(tmp_path):
     assert [e['epoch'] for e in continued] == [0, 1, 2, 3]
     assert continued[2]['train_lr'] == pytest.approx(uninterrupted[2]['train_lr'], rel=1e-9)
     assert continued[2]['train_lr'] > continued[1]['train_lr']  # the 2-epoch cosine had decayed to near min-lr
+
+
+def test_use_ema_scores_the_checkpoints_ema_weights(tmp_path):
+    out = tmp_path / 'run'
+    ok(run_main(TINY + ['--model-ema', '--model-ema-decay', '0.99', '--lr', '5e-3', '--unscale-lr', '--epochs', '1',
+                        '--output_dir', out]))
+    last = read_log(out)[1][-1]
+    assert abs(last['test_ema_loss'] - last['test_loss']) > 1e-3  # the two weights differ, and the test can tell
+    scored = {}
+    for flags in ([], ['--use-ema']):
+        result = ok(run_main(TINY + ['--eval', '--resume', out / 'checkpoint.pth', '--output_dir', ''] + flags))
+        scored[bool(flags)] = float(re.findall(SUMMARY, result.stdout)[-1][2])
+    assert scored[True] == pytest.approx(last['test_ema_loss'], abs=1e-3)
+    assert scored[False] == pytest.approx(last['test_loss'], abs=1e-3)
+    assert 'loaded EMA weights from' in result.stdout
+
+
+def test_use_ema_without_ema_weights_or_without_eval_is_one_line(learned):
+    _, out = learned
+    result = run_main(LEARN + ['--eval', '--use-ema', '--resume', out / 'checkpoint.pth', '--output_dir', ''])
+    assert result.returncode != 0 and 'holds no EMA weights' in result.stderr
+    assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run_main(LEARN + ['--use-ema', '--resume', out / 'checkpoint.pth', '--output_dir', ''])
+    assert result.returncode != 0 and '--use-ema scores' in result.stderr
+
+
+def best_epochs(out, n):
+    ranked = sorted(read_log(out)[1], key=lambda e: (-e['test_acc1'], e['epoch']))
+    return sorted(e['epoch'] for e in ranked[:n])
+
+
+def test_checkpoint_hist_keeps_the_n_best_epochs_across_a_resume(tmp_path):
+    flags = LEARN + ['--checkpoint-hist', '2', '--output_dir', tmp_path]
+    ok(run_main(flags + ['--epochs', '4']))
+    ok(run_main(flags + ['--epochs', '6']))  # resumed: the history goes on from the file
+    kept = sorted(int(re.match(r'checkpoint-(\d+)\.pth$', name).group(1))
+                  for name in os.listdir(tmp_path) if name.startswith('checkpoint-'))
+    assert kept == best_epochs(tmp_path, 2)
+    for epoch in kept:
+        assert load(tmp_path / f'checkpoint-{epoch}.pth')['epoch'] == epoch
+    assert sorted(e['epoch'] for e in json.loads((tmp_path / 'checkpoint_hist.json').read_text())) == kept
+    assert not [name for name in os.listdir(tmp_path) if '.tmp' in name]

@@ -325,3 +325,13 @@ def test_num_classes_must_agree_with_the_data():
     assert result.returncode == 2
     assert result.stderr.strip() == ('error: --num-classes 5, but the data set has 10 classes; leave --num-classes '
                                      'out (the classes come from the data) or point --data-path at the right data')
+
+
+def test_docs_name_the_help_groups_in_order():
+    from flags import get_args_parser
+    parser = get_args_parser()
+    groups = [re.sub(r' \(.*\)$', '', g.title) for g in parser._action_groups
+              if g._group_actions and g.title not in ('positional arguments', 'options', 'optional arguments', 'help')]
+    with open(os.path.join(ROOT, 'docs', 'flags.md')) as f:
+        listed = re.search(r'grouped: ([^.]*)\.', f.read()).group(1).replace('\n', ' ')
+    assert [re.sub(r' \(.*\)$', '', g.strip()) for g in listed.split(';')] == groups
