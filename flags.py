@@ -17,9 +17,17 @@ from utils import UserError
 # An on/off flag: --name turns it on, --no-name off, so that the command line can undo what a recipe sets.
 SWITCH = dict(action=argparse.BooleanOptionalAction, default=False)
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse, plus the defaults that depend on other flags (the input size on the model), filled after parsing."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        return with_input_size(parsed), extras
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser('DeiT-style training and evaluation', add_help=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = FlagParser('DeiT-style training and evaluation', add_help=False,
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('training')
     g.add_argument('--batch-size', '-b', default=64, type=int, help='images per process per step')
     g.add_argument('--epochs', default=300, type=int, help='epochs of the LR schedule (and of training)')
@@ -61,7 +69,9 @@ def get_args_parser():
     g.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='NAME',
                    help='any timm model name, or one this repository registers (DHVT, EViT, LocalViT, PatchConvNet, '
                         'the *_micro_* test sizes: scripts/model_table.py lists them)')
-    g.add_argument('--input-size', '--img-size', dest='input_size', default=224, type=int, help='image side in pixels')
+    g.add_argument('--input-size', '--img-size', dest='input_size', default=None, type=int,
+                   help="image side in pixels (default: a resumed or evaluated checkpoint's, else the model's own: "
+                   '224 for DeiT, 16 for the *_micro_* test models)')
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     g.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='stochastic depth rate')
     g.add_argument('--layer-scale', type=float, default=None, metavar='INIT',
@@ -211,8 +221,9 @@ def get_args_parser():
     g.add_argument('--data-backend', default='pil', choices=['pil', 'dali'],
                    help='pil: CPU workers decode, uint8 batches normalised, erased and mixed on the device; dali: '
                         'NVIDIA DALI decodes and augments (on the GPU; its CPU mode without one); see docs/data.md')
-    g.add_argument('--num-workers', '--num_workers', '--workers', '-j', dest='num_workers', default=10, type=int,
-                   help='DataLoader worker processes (DALI threads with --data-backend dali)')
+    g.add_argument('--num-workers', '--num_workers', '--workers', '-j', dest='num_workers', default=default_workers(),
+                   type=int, help="DataLoader worker processes (DALI threads with --data-backend dali); DeiT's 10, or "
+                   'the cores there are when fewer')
     g.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True,
                    help='pin CPU memory in the DataLoader')
 
@@ -258,6 +269,13 @@ def get_args_parser():
     return p
 
 
+def default_workers():
+    """DeiT's 10 workers, capped at the cores this process may use (more only slows a small machine down, and
+    torch warns about it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return min(10, cores)
+
+
 def parse_args(argv=None, parser=None):
     """Flags, with a -c/--config FILE.yaml recipe (timm's convention) read first and the command line after it.
 
@@ -276,6 +294,17 @@ def parse_args(argv=None, parser=None):
         print(f'| --data-path given: {path}\'s data_set {args.data_set} left out; the data set is found from the '
               'path (pass --data-set to choose it)', flush=True)
         args.data_set = None
+    return args
+
+
+def with_input_size(args):
+    """--input-size left unset: the model's own (main.py swaps in a resumed or evaluated checkpoint's)."""
+    if not hasattr(args, 'input_size'):
+        return args
+    args.input_size_from = 'the flags'
+    if args.input_size is None:
+        import model_factory  # here: the model registry is only needed once flags are parsed
+        args.input_size, args.input_size_from = model_factory.native_input_size(args.model)
     return args
 
 

@@ -3,6 +3,8 @@
     model = torch.hub.load(REPO_DIR, 'deit_small_patch16_224', source='local', pretrained=True)
     model = torch.hub.load(REPO_DIR, 'dhvt_tiny_patch4_32', source='local', checkpoint_path='checkpoint.pth')
 
+A main.py checkpoint brings its class count and input size (its saved args); kwargs override them.
+
 Each entry is `name(pretrained=False, checkpoint_path=None, **kwargs)`; kwargs go to timm.create_model.
 """
 import timm
@@ -24,10 +26,22 @@ def _create(name, pretrained, checkpoint_path, kwargs):
         raise ValueError(f'{name}: pass either pretrained=True or checkpoint_path=, not both')
     if pretrained:
         return _create_pretrained(name, kwargs)
-    model = timm.create_model(name, **kwargs)
-    if checkpoint_path:
-        _load_checkpoint(model, name, checkpoint_path)
+    if not checkpoint_path:
+        return timm.create_model(name, **kwargs)
+    model = _create_for_checkpoint(name, str(checkpoint_path), kwargs)
+    _load_checkpoint(model, name, checkpoint_path)
     return model
+
+
+def _create_for_checkpoint(name, path, kwargs):
+    """The model at the class count and input size a main.py checkpoint was trained with, unless kwargs say."""
+    saved = utils.saved_args(path)
+    saved = saved if saved.get('model') in (name, None) else {}
+    if 'num_classes' not in kwargs and isinstance(saved.get('nb_classes'), int):
+        kwargs = dict(kwargs, num_classes=saved['nb_classes'])
+    if 'img_size' not in kwargs and isinstance(saved.get('input_size'), int):
+        return model_factory.create_at_size(name, saved['input_size'], **kwargs)
+    return timm.create_model(name, **kwargs)
 
 
 def _create_pretrained(name, kwargs):

@@ -88,12 +88,15 @@ def resolve_config(args):
     utils.init_distributed_mode(args)
     utils.seed_everything(args.seed + utils.get_rank())
     resolve_data_set(args)
-    args.preprocessing_from = resolve_preprocessing(args, utils.saved_args(weights_file(args)))
+    weights_args = utils.saved_args(weights_file(args))
+    model_factory.size_from_checkpoint(args, weights_args, resuming=weights_file(args) not in ('', args.finetune))
+    args.preprocessing_from = resolve_preprocessing(args, weights_args)
     if args.data_backend == 'dali':
         dali_loader.check_flags(args)
     if not args.warmup:
         args.warmup_epochs = 0
     optimization.scale_lr(args)
+    optimization.warn_warmup_above_lr(args)
     return torch.device(args.device)
 
 
@@ -272,8 +275,8 @@ def print_run_line(args, model, n_parameters, dataset_train, dataset_val, budget
 
 
 def print_preprocessing(args):
-    utils.log(f'| preprocessing: mean {args.mean}, std {args.std}, eval crop {args.eval_crop_ratio}, '
-              f'{args.interpolation} resize (from {args.preprocessing_from})')
+    utils.log(f'| preprocessing: {args.input_size} px (from {args.input_size_from}), mean {args.mean}, std {args.std}, '
+              f'eval crop {args.eval_crop_ratio}, {args.interpolation} resize (from {args.preprocessing_from})')
 
 
 # ---------------------------------------------------------------- logging

@@ -3,7 +3,9 @@ schedule, and the training criterion with its distillation teacher."""
 import ast
 import difflib
 
+import huggingface_hub
 import timm
+from huggingface_hub.errors import HfHubHTTPError
 from timm.layers import DropPath
 
 import checkpoints
@@ -75,6 +77,19 @@ def flag_names(options):
     return ' / '.join(dict.fromkeys(names[k] for k in options))
 
 
+def native_input_size(name):
+    """(the model's own input side from its cfg, 'NAME's cfg'), else (DeiT's 224, "DeiT's default")."""
+    native = timm.get_pretrained_cfg_value(name, 'input_size') if timm.is_model(name) else None
+    return (native[-1], f"{name}'s cfg") if native else (224, "DeiT's default")
+
+
+def size_from_checkpoint(args, weights_args, resuming):
+    """An --input-size not given takes the size a resumed or evaluated checkpoint of this model was trained at."""
+    saved = weights_args.get('input_size') if weights_args.get('model') == args.model else None
+    if args.input_size_from != 'the flags' and (resuming or args.eval) and isinstance(saved, int):
+        args.input_size, args.input_size_from = saved, 'the checkpoint'
+
+
 SIZE_OPTIONS = ('dynamic_img_size', 'img_size')  # what models that take any input size (convnets, DHVT) lack
 
 
@@ -110,6 +125,72 @@ def fetch_failure(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
 
 
+HUB_FILES = ('model.safetensors', 'pytorch_model.bin')  # what timm asks the hub for, in its order
+
+
+class HubUnreachable(OSError):
+    """The Hugging Face hub could not be reached; the message names the weights' URL and hub id."""
+
+
+def hub_files(name):
+    """(repo id, revision or None, file names) of the Hugging Face hub copy timm reads for `name`, or None."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    repo, _, revision = cfg.hf_hub_id.partition('@')
+    return repo, revision or None, (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_FILES
+
+
+def cached_hub_file(repo, revision, files):
+    """The hub file already in the local Hugging Face cache, or ''."""
+    for name in files:
+        path = huggingface_hub.try_to_load_from_cache(repo, name, revision=revision)
+        if isinstance(path, str):
+            return path
+    return ''
+
+
+def hub_unreachable(repo, revision, files):
+    """'' when the hub answers about the file (a 'not found' included: timm then asks for the next), else why not.
+    One attempt: timm's own download retries each file for about half a minute before it gives up offline."""
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, files[0], revision=revision))
+    except HfHubHTTPError:
+        return ''
+    except Exception as e:  # noqa: BLE001 - every transport error (DNS, proxy, TLS, timeout) means "unreachable"
+        return f'{type(e).__name__}: {fetch_failure(e)}'
+    return ''
+
+
+def prepare_published(name):
+    """(where the published weights of `name` are read from, timm.create_model keywords that make timm read them
+    there): the local Hugging Face cache's file when it holds it (no network); else the hub, once one attempt at
+    reaching it has succeeded (HubUnreachable if not); else the cfg's URL, which torch fetches in one attempt."""
+    hub = hub_files(name)
+    if hub is None:
+        return published_weights(name), {}
+    repo, revision, files = hub
+    cached = cached_hub_file(repo, revision, files)
+    if cached:
+        return cached, {'pretrained_cfg_overlay': {'file': cached}}
+    failure = hub_unreachable(repo, revision, files)
+    if failure:
+        url = timm.models.get_pretrained_cfg(name).url or huggingface_hub.hf_hub_url(repo, files[0], revision=revision)
+        raise HubUnreachable(f'{url} (Hugging Face hub id {repo}) after one attempt ({failure})')
+    return repo, {}
+
+
+def newly_initialised(model, num_classes):
+    """The tensors timm leaves as initialised when it loads published weights: the classifier(s), which it drops
+    from the file when the class count differs from the cfg's."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    if num_classes == cfg.get('num_classes'):
+        return []
+    heads = cfg.get('classifier') or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    return [key for key in model.state_dict() if key.rpartition('.')[0] in heads]
+
+
 def create_pretrained(args, options):
     """--pretrained: the model with the weights its authors published, downloaded by timm, which drops a classifier
     of another class count and resizes the position embedding to --input-size."""
@@ -120,18 +201,21 @@ def create_pretrained(args, options):
     if args.finetune:
         raise UserError('--pretrained and --finetune both give the starting weights; pass one of them')
     try:
-        return create_at_size(args.model, args.input_size, pretrained=True, num_classes=args.nb_classes,
-                              drop_rate=args.drop, drop_path_rate=args.drop_path, **options)
+        loaded, overlay = prepare_published(args.model)
+        model = create_at_size(args.model, args.input_size, pretrained=True, num_classes=args.nb_classes,
+                               drop_rate=args.drop, drop_path_rate=args.drop_path, **options, **overlay)
     except OSError as e:
-        raise UserError(f'--pretrained: could not download the {args.model} weights from {source} '
-                        f'({fetch_failure(e)}); download the file yourself and pass --finetune FILE (or --resume '
-                        'FILE with --eval)') from e
+        where = str(e) if isinstance(e, HubUnreachable) else f'{source} ({fetch_failure(e)})'
+        raise UserError(f'--pretrained: could not download the {args.model} weights from {where}; download the '
+                        'file yourself and pass --finetune FILE (or --resume FILE with --eval)') from e
     except RuntimeError as e:
         if 'state_dict' not in str(e):
             raise
         flags = flag_names(options) or 'these flags'
         raise UserError(f'--pretrained: the published {args.model} weights do not fit the model built with {flags}; '
                         'drop those flags or train without --pretrained') from e
+    utils.log(f'| pretrained: loaded {loaded}; newly initialised: {newly_initialised(model, args.nb_classes)}')
+    return model
 
 
 def build_model(args):

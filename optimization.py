@@ -29,6 +29,13 @@ def scale_lr(args):
     return args.lr
 
 
+def warn_warmup_above_lr(args):
+    """A fine-tuning LR scaled to a small batch can fall under --warmup-lr, and the warm-up then lowers the LR."""
+    if args.warmup_epochs > 0 and args.warmup_lr > args.lr:
+        utils.log(f'| warning: --warmup-lr {args.warmup_lr:g} is above the LR {args.lr:g} (--lr scaled to the global '
+                  f'batch), so the warm-up lowers the LR; pass --warmup-lr under {args.lr:g} or --warmup-epochs 0')
+
+
 def run_epochs(args):
     """Epochs the run trains: --epochs, plus the cool-down with --train-cooldown."""
     return args.epochs + (args.cooldown_epochs if args.train_cooldown else 0)

@@ -218,3 +218,12 @@ def test_checkpoint_hist_keeps_the_n_best_epochs_across_a_resume(tmp_path):
         assert load(tmp_path / f'checkpoint-{epoch}.pth')['epoch'] == epoch
     assert sorted(e['epoch'] for e in json.loads((tmp_path / 'checkpoint_hist.json').read_text())) == kept
     assert not [name for name in os.listdir(tmp_path) if '.tmp' in name]
+
+
+def test_eval_takes_the_input_size_from_the_checkpoint(learned):
+    _, out = learned
+    at = LEARN.index('--input-size')
+    result = ok(run_main(LEARN[:at] + LEARN[at + 2:] + ['--eval', '--resume', out / 'checkpoint.pth',
+                                                        '--output_dir', '']))
+    assert '| preprocessing: 8 px (from the checkpoint)' in result.stdout
+    assert float(re.findall(SUMMARY, result.stdout)[-1][0]) == round(read_log(out)[1][-1]['test_acc1'], 3)

@@ -335,3 +335,31 @@ def test_docs_name_the_help_groups_in_order():
     with open(os.path.join(ROOT, 'docs', 'flags.md')) as f:
         listed = re.search(r'grouped: ([^.]*)\.', f.read()).group(1).replace('\n', ' ')
     assert [re.sub(r' \(.*\)$', '', g.strip()) for g in listed.split(';')] == groups
+
+
+@pytest.mark.parametrize('model, size', [('deit_micro_patch2_16', 16), ('deit_small_patch16_224', 224),
+                                         ('deit_base_patch16_384', 384), ('dhvt_tiny_patch4_32', 32)])
+def test_input_size_defaults_to_the_models_own(model, size):
+    args = parse_args(['--model', model])
+    assert (args.input_size, args.input_size_from) == (size, f"{model}'s cfg")
+    assert parse_args(['--model', model, '--img-size', '48']).input_size == 48
+
+
+def test_num_workers_default_is_deits_10_capped_at_the_cores(monkeypatch):
+    import flags
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
+    assert flags.get_args_parser().parse_args([]).num_workers == 2
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(64)))
+    assert flags.get_args_parser().parse_args([]).num_workers == 10
+
+
+def test_a_warmup_lr_above_the_scaled_lr_is_warned_about(capsys):
+    import optimization
+    args = parse_args(['--lr', '5e-6', '--batch-size', '32'])  # DeiT's fine-tuning LR on a small batch
+    optimization.scale_lr(args)
+    optimization.warn_warmup_above_lr(args)
+    assert '--warmup-lr 1e-06 is above the LR 3.125e-07' in capsys.readouterr().out
+    args = parse_args(['--lr', '5e-4', '--batch-size', '32'])
+    optimization.scale_lr(args)
+    optimization.warn_warmup_above_lr(args)
+    assert 'warning' not in capsys.readouterr().out

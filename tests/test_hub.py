@@ -70,6 +70,16 @@ def test_checkpoint_path_loads_a_training_checkpoints_model_not_its_ema(tmp_path
     assert same_weights(model, trained) and not same_weights(model, ema)
 
 
+def test_checkpoint_path_brings_its_class_count_and_input_size(tmp_path):
+    trained = timm.create_model(MICRO, num_classes=3, img_size=8).state_dict()
+    path = tmp_path / 'checkpoint.pth'
+    torch.save({'model': trained, 'args': {'model': MICRO, 'input_size': 8, 'nb_classes': 3}}, path)
+    model = torch.hub.load(ROOT, MICRO, source='local', checkpoint_path=str(path))
+    assert same_weights(model, trained) and model(torch.randn(2, 3, 8, 8)).shape == (2, 3)
+    with pytest.raises(ValueError, match='num_classes='):  # kwargs still win over the saved args
+        torch.hub.load(ROOT, MICRO, source='local', checkpoint_path=str(path), num_classes=5)
+
+
 def test_checkpoint_path_loads_a_bare_state_dict_and_safetensors(tmp_path):
     state = timm.create_model(MICRO, num_classes=5).state_dict()
     torch.save(state, tmp_path / 'bare.pth')

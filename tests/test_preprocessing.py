@@ -71,7 +71,7 @@ def run_from_google_weights(tmp_path_factory):
 
 def test_fine_tuning_converted_google_weights_normalises_as_google(run_from_google_weights):
     result, out = run_from_google_weights
-    assert ('| preprocessing: mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5], eval crop 0.875, bicubic resize (from the '
+    assert ('| preprocessing: 8 px (from the flags), mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5], eval crop 0.875, bicubic resize (from the '
             'checkpoint)') in result.stdout
     saved = torch.load(out / 'checkpoint.pth', weights_only=True)['args']
     assert (saved['mean'], saved['std'], saved['eval_crop_ratio']) == ([0.5] * 3, [0.5] * 3, 0.875)
@@ -81,7 +81,7 @@ def test_eval_and_predict_read_the_same_values(run_from_google_weights):
     _, out = run_from_google_weights
     evaluated = run_main(TINY + ['--eval', '--output_dir', out])
     assert evaluated.returncode == 0, evaluated.stderr
-    assert '| preprocessing: mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]' in evaluated.stdout
+    assert 'mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]' in evaluated.stdout
     _, transform, _ = predict.load_model(str(out / 'checkpoint.pth'))
     normalize = [s for s in transform.transforms if isinstance(s, transforms.Normalize)][0]
     assert np.allclose(normalize.mean, 0.5) and np.allclose(normalize.std, 0.5)
