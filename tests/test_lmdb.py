@@ -1,9 +1,11 @@
 """scripts/folder2lmdb.py and --use-lmdb: an LMDB gives the same samples as the image folder it was built from."""
+import errno
 import os
 import pickle
 import re
 import sys
 
+import lmdb
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -11,7 +13,7 @@ from torch.utils.data import DataLoader
 import datasets
 import main
 from conftest import ROOT, TINY, read_log, run_main, write_image_folder
-from lmdb_dataset import LMDBDataset
+from lmdb_dataset import LMDBDataset, sample_key
 from utils import UserError
 
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
@@ -110,6 +112,62 @@ def test_folder2lmdb_refuses_to_overwrite_and_checks_the_folder(folder_and_lmdb,
     os.rmdir(os.path.join(no_val, 'val', 'cat'))
     assert 'class' in script_error([no_val, str(tmp_path / 'out')], capsys)
     assert os.listdir(tmp_path) == ['no_val']
+
+
+def test_folder2lmdb_names_a_missing_folder(tmp_path, capsys):
+    err = script_error([str(tmp_path / 'nowhere'), str(tmp_path / 'out')], capsys)
+    assert err == f'error: {tmp_path / "nowhere"} is not a folder; pass an image folder with train/ and val/ class ' \
+                  'folders'
+    assert os.listdir(tmp_path) == []
+
+
+def test_folder2lmdb_reads_back_what_it_wrote_and_keeps_nothing_that_differs(tmp_path, capsys, monkeypatch):
+    folder = write_image_folder(str(tmp_path / 'images'), per_class=(2, 1))
+    fill = folder2lmdb.fill_lmdb
+
+    def fill_then_change_one_byte(path, *args):  # as a disk or memory fault would
+        written = fill(path, *args)
+        with lmdb.open(path, subdir=True) as env, env.begin(write=True) as txn:
+            value = txn.get(sample_key('val', 1))
+            txn.put(sample_key('val', 1), value[:-1] + bytes([value[-1] ^ 1]))
+        return written
+
+    monkeypatch.setattr(folder2lmdb, 'fill_lmdb', fill_then_change_one_byte)
+    output = str(tmp_path / 'out')
+    assert script_error([folder, output], capsys) == (
+        f'error: record val/000000001 of {output}, read back, is not what was written (a disk or memory fault?); '
+        'nothing was kept: check the disk, then run again')
+    assert os.listdir(tmp_path) == ['images']
+
+
+def test_folder2lmdb_full_disk_and_ctrl_c_keep_nothing_and_say_so(tmp_path, capsys, monkeypatch):
+    folder = write_image_folder(str(tmp_path / 'images'), per_class=(2, 1))
+    output = str(tmp_path / 'out')
+    write_split = folder2lmdb.write_split
+
+    def fail_on_val(error):
+        def write(env, folder, split, samples):
+            if split == 'val':
+                raise error
+            return write_split(env, folder, split, samples)
+        return write
+
+    monkeypatch.setattr(folder2lmdb, 'write_split', fail_on_val(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    assert script_error([folder, output], capsys) == (
+        f'error: could not write {output} (OSError: No space left on device); nothing was kept: free space or '
+        'choose another place, then run again')
+    assert os.listdir(tmp_path) == ['images']
+    monkeypatch.setattr(folder2lmdb, 'write_split', fail_on_val(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as stop:
+        folder2lmdb.main([folder, output])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == f'interrupted: nothing was kept of {output}; run the same command again\n'
+    assert os.listdir(tmp_path) == ['images']
+    monkeypatch.setattr(folder2lmdb, 'write_split', write_split)
+    monkeypatch.setattr(folder2lmdb, 'map_size', lambda samples: 4096)  # LMDB's own error: its map is full
+    err = script_error([folder, output], capsys)
+    assert err.startswith(f'error: could not write {output} (MapFullError: ') and 'nothing was kept' in err
+    assert os.listdir(tmp_path) == ['images']
 
 
 def test_use_lmdb_errors_name_the_fix(folder_and_lmdb):
