@@ -37,24 +37,6 @@ def check_output_dir(path):
                         'can write to')
 
 
-def check_output_file(path, flag):
-    """Before any work: UserError when a tool cannot write its output file `path` (named by `flag`): it is a folder,
-    lies under a file, or its nearest existing folder cannot be written. Missing folders are the writer's to make.
-    Returns whether a file is there already, which the tool replaces and says so."""
-    if os.path.isdir(path):
-        raise UserError(f'{flag} {path} is a folder; pass a file name, such as {os.path.join(path, "out.png")}')
-    existing = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f'{flag} {path} lies under {existing}, which is a file; pass a path in a folder')
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f'{flag} {path} cannot be written ({existing} is not writable); pass a path you can write to')
-    if os.path.isfile(path) and not os.access(path, os.W_OK):
-        raise UserError(f'{flag} {path} is a read-only file; pass another name')
-    return os.path.isfile(path)
-
-
 def find_resume(args, class_names):
     """Resume precedence: --resume, else output_dir/checkpoint.pth of this same run, else a fresh start.
 

@@ -21,7 +21,8 @@ LOG_NAME = 'log.txt'
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('runs', nargs='+', metavar='RUN_DIR', help='output_dir of a run, or its log.txt')
-    p.add_argument('-o', '--output', default='', metavar='FILE', help='the PNG to write')
+    p.add_argument('-o', '--output', default='', metavar='FILE', help='the PNG to write (missing folders are made; a '
+                   'file there is replaced, and the tool says so)')
     return p
 
 
@@ -66,15 +67,17 @@ def _number(value, spec):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    try:
-        histories = dict(zip(run_labels(args.runs), (read_history(r) for r in args.runs)))
-    except ValueError as e:
-        utils.exit_with_error(e)
-    print(format_table({label: summarize(*history) for label, history in histories.items()}))
     first = args.runs[0]
     output = args.output or os.path.join(first if os.path.isdir(first) else os.path.dirname(first), 'history.png')
+    try:
+        replacing = utils.check_output_file(output, '-o')
+        histories = dict(zip(run_labels(args.runs), (read_history(r) for r in args.runs)))
+    except (ValueError, utils.UserError) as e:
+        utils.exit_with_error(e)
+    print(format_table({label: summarize(*history) for label, history in histories.items()}))
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     visualize.draw_history({label: epochs for label, (_, epochs) in histories.items()}, output)
-    print(f'wrote {output}')
+    print(f'wrote {output}' + (' (replaced the file that was there)' if replacing else ''))
 
 
 if __name__ == '__main__':

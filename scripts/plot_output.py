@@ -73,21 +73,23 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR', help='output_dir of a run (holds log.txt)')
     p.add_argument('-o', '--output', default=None, help='PNG to write (default: RUN_DIR/acc_vs_time.png of the '
-                   'first run)')
+                   'first run; missing folders are made; a file there is replaced, and the tool says so)')
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        curves = [read_run(run_dir) for run_dir in args.run_dirs]
-    except ValueError as e:
-        utils.exit_with_error(e)
     out_path = args.output or os.path.join(args.run_dirs[0], 'acc_vs_time.png')
+    try:
+        replacing = utils.check_output_file(out_path, '-o')
+        curves = [read_run(run_dir) for run_dir in args.run_dirs]
+    except (ValueError, utils.UserError) as e:
+        utils.exit_with_error(e)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     plot(curves, out_path)
     summary = '; '.join(f'{c.name}: best {max(c.acc1):.2f}%, {len(c.epochs)} epochs, {c.hours[-1]:.2f} h'
                         for c in curves)
-    print(f'wrote {out_path} ({summary})')
+    print(f'wrote {out_path} ({summary})' + (', replacing the file that was there' if replacing else ''))
 
 
 if __name__ == '__main__':

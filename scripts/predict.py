@@ -8,6 +8,9 @@ takes the EMA weights), from any state-dict file with --model NAME, or from timm
 --model NAME --hub (ImageNet class names). Images are read as the validation set reads them and get the
 run's evaluation transform. Folders are searched recursively and predicted in batches. --plot FILE also draws
 the images with their top-k classes.
+
+An image that cannot be read is named on stderr and skipped; the others are predicted, and the tool ends with
+one line counting the skipped files and exit status 1.
 """
 import argparse
 import json
@@ -27,6 +30,7 @@ import model_factory  # noqa: E402
 import utils  # noqa: E402
 import visualize  # noqa: E402
 from datasets import IMG_EXTENSIONS, build_transform, load_rgb  # noqa: E402
+from images import BadImageError  # noqa: E402
 
 PLOT_MAX = 16
 
@@ -39,7 +43,8 @@ def get_args_parser():
     p.add_argument('--batch-size', default=64, type=int, help='images per forward pass')
     p.add_argument('--json', action='store_true', help='print one JSON list instead of text')
     p.add_argument('--plot', default='', metavar='FILE', help=f'also draw the first {PLOT_MAX} images with their '
-                   'top-k classes into this PNG')
+                   'top-k classes into this PNG (missing folders are made; a file there is replaced, and the tool '
+                   'says so)')
     return p
 
 
@@ -73,6 +78,7 @@ def _from_checkpoint(path, model_name, ema):
     if saved.get('model') and not timm.is_model(saved['model']):
         saved = {}  # the args of another codebase (LocalViT's, EViT's...), whose model names are not ours
     vars(args).update(saved)
+    args.pretrained = False  # the checkpoint holds the weights: the published ones would be downloaded to be replaced
     trained_as = saved.get('model')
     if trained_as and model_name and model_name != trained_as:
         raise ValueError(f'{path} holds a {trained_as}, not a {model_name}; drop --model or pass --model {trained_as}')
@@ -117,10 +123,13 @@ def _from_hub(name):
     if not timm.is_model(name):
         raise ValueError(f'unknown model {name}; see timm.list_models() for the names')
     try:
-        model = timm.create_model(name, pretrained=True)
+        loaded, overlay = model_factory.prepare_published(name)
+        model = timm.create_model(name, pretrained=True, **overlay)
     except (OSError, RuntimeError) as e:
-        raise ValueError(f'could not fetch weights for {name} ({type(e).__name__}); check the network, '
+        reason = e if isinstance(e, model_factory.HubUnreachable) else type(e).__name__
+        raise ValueError(f'could not fetch weights for {name} ({reason}); check the network, '
                          'or download them and pass --checkpoint FILE --model NAME') from e
+    print(f'| --hub: loaded {loaded}', file=sys.stderr)  # stdout holds the predictions
     transform = create_transform(**resolve_data_config(model=model))
     return model.eval(), transform, default_class_names(model, model.num_classes)
 
@@ -162,16 +171,42 @@ def list_images(inputs):
     return paths
 
 
+def unreadable_reason(error):
+    """A BadImageError's message without its last clause, a hint to main.py's --skip-bad-images (these tools skip
+    or stop on their own)."""
+    return str(error).rsplit('; ', 1)[0]
+
+
+def read_images(paths, transform, unreadable):
+    """(the transformed images, their paths) of those paths that can be read; each that cannot is named on stderr
+    and appended to `unreadable`."""
+    images, read = [], []
+    for path in paths:
+        try:
+            images.append(transform(load_rgb(path)))
+        except BadImageError as e:
+            print(f'skipped: {unreadable_reason(e)}', file=sys.stderr, flush=True)
+            unreadable.append(path)
+            continue
+        read.append(path)
+    return images, read
+
+
 @torch.no_grad()
-def predict(model, transform, class_names, paths, topk=5, batch_size=64, device=torch.device('cpu')):
-    """[{'image': path, 'predictions': [{'class', 'index', 'probability'}, ...]}], most probable first."""
+def predict(model, transform, class_names, paths, topk=5, batch_size=64, device=torch.device('cpu'),
+            unreadable=None):
+    """[{'image': path, 'predictions': [{'class', 'index', 'probability'}, ...]}], most probable first, for each
+    image that can be read; the paths of the others are appended to `unreadable` (a list)."""
     if topk < 1 or batch_size < 1:
         raise ValueError(f'--topk {topk} and --batch-size {batch_size} must be at least 1')
+    unreadable = [] if unreadable is None else unreadable
     model.to(device)
     results = []
     for start in range(0, len(paths), batch_size):
-        batch = paths[start:start + batch_size]
-        x = torch.stack([transform(load_rgb(p)) for p in batch]).to(device)  # (B, 3, H, W)
+        images, batch = read_images(paths[start:start + batch_size], transform, unreadable)
+        if not images:
+            continue
+        x = torch.stack(images).to(device)  # (B, 3, H, W)
         probs = model(x).float().softmax(dim=-1).cpu()
         top = probs.topk(min(topk, probs.shape[-1]), dim=-1)
         for path, values, indices in zip(batch, top.values.tolist(), top.indices.tolist()):
@@ -196,18 +231,35 @@ def plot(results, path):
     visualize.draw_predictions(images, captions, path)
 
 
+def unreadable_summary(paths, shown=3):
+    """One line: how many files could not be read, the first few named."""
+    more = f' and {len(paths) - shown} more' if len(paths) > shown else ''
+    return (f'{len(paths)} file{"s" if len(paths) > 1 else ""} could not be read: {", ".join(paths[:shown])}{more} '
+            '(each is named above); remove or replace them')
+
+
+def write_plot(results, path, replacing):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    plot(results, path)
+    print(f'wrote {path}' + (' (replaced the file that was there)' if replacing else ''), file=sys.stderr)
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    unreadable = []
     try:
         device = resolve_device(args.device)
+        replacing = args.plot and utils.check_output_file(args.plot, '--plot')
         paths = list_images(args.inputs)
         model, transform, class_names = load_model(args.checkpoint, args.model, args.hub, args.ema)
-        results = predict(model, transform, class_names, paths, args.topk, args.batch_size, device)
+        results = predict(model, transform, class_names, paths, args.topk, args.batch_size, device, unreadable)
     except (ValueError, utils.UserError) as e:
         utils.exit_with_error(e)
-    print(json.dumps(results, indent=1) if args.json else format_text(results))
-    if args.plot:
-        plot(results, args.plot)
+    print(json.dumps(results, indent=1) if args.json else format_text(results), flush=True)
+    if args.plot and results:
+        write_plot(results, args.plot, replacing)
+    if unreadable:
+        utils.exit_with_error(unreadable_summary(unreadable), code=1)
 
 
 if __name__ == '__main__':

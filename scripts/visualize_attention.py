@@ -28,14 +28,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402
 import visualize  # noqa: E402
 from datasets import load_rgb  # noqa: E402
-from predict import add_weight_flags, load_model, resolve_device  # noqa: E402
+from images import BadImageError  # noqa: E402
+from predict import add_weight_flags, load_model, resolve_device, unreadable_reason  # noqa: E402
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('image', metavar='IMAGE')
     add_weight_flags(p)
-    p.add_argument('-o', '--output', default='attention.png', metavar='FILE', help='the PNG to write')
+    p.add_argument('-o', '--output', default='attention.png', metavar='FILE', help='the PNG to write (missing folders '
+                   'are made; a file there is replaced, and the tool says so)')
     return p
 
 
@@ -180,12 +182,21 @@ def normalization(transform):
     return visualize.IMAGENET_DEFAULT_MEAN, visualize.IMAGENET_DEFAULT_STD
 
 
+def read_image(path):
+    try:
+        return load_rgb(path)
+    except BadImageError as e:
+        raise ValueError(f'{unreadable_reason(e)}; pass an image file that opens') from e
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)
+        replacing = utils.check_output_file(args.output, '-o')
+        rgb = read_image(args.image)
         model, transform, class_names = load_model(args.checkpoint, args.model, args.hub, args.ema)
-        x = transform(load_rgb(args.image)).unsqueeze(0).to(device)  # (1, 3, H, W)
+        x = transform(rgb).unsqueeze(0).to(device)  # (1, 3, H, W)
         model = model.to(device)
         if hasattr(model, 'class_attention_map'):
             maps = aggregation_maps(model, x, class_names)
@@ -194,8 +205,9 @@ def main(argv=None):
     except (ValueError, utils.UserError) as e:
         utils.exit_with_error(e)
     image = visualize.denormalize(x[0].cpu(), *normalization(transform))
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     visualize.draw_attention_grid(image, [(title, m.cpu().numpy()) for title, m in maps], args.output)
-    print(f'wrote {args.output}')
+    print(f'wrote {args.output}' + (' (replaced the file that was there)' if replacing else ''))
 
 
 if __name__ == '__main__':

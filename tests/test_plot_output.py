@@ -87,3 +87,20 @@ def test_folder_without_log_is_a_one_line_error(two_runs, tmp_path):
     assert result.stderr.strip().count('\n') == 0
     assert 'not_a_run has no log.txt' in result.stderr
     assert not os.path.exists(os.path.join(two_runs[0], 'acc_vs_time.png'))
+
+
+def test_output_into_missing_folders_and_a_replaced_file_is_told(two_runs, tmp_path):
+    out = tmp_path / 'figures' / 'new' / 'acc.png'
+    first = run_plot(two_runs[0], '-o', out)
+    assert first.returncode == 0 and out.is_file() and 'replacing' not in first.stdout
+    again = run_plot(two_runs[0], '-o', out)
+    assert again.returncode == 0 and again.stdout.rstrip().endswith(', replacing the file that was there')
+
+
+def test_output_under_a_file_is_refused_before_reading_the_runs(tmp_path):
+    blocker = tmp_path / 'results'
+    blocker.write_text('a file')
+    result = run_plot(tmp_path / 'no_run_here', '-o', blocker / 'acc.png')
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f'error: -o {blocker / "acc.png"} lies under {blocker}, which is '
+                                                  'a file; pass a path in a folder']

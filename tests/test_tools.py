@@ -14,7 +14,9 @@ from conftest import ROOT, run_main, write_image_folder
 
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 
+import export  # noqa: E402
 import inspect_history  # noqa: E402
+import model_factory  # noqa: E402
 import models  # noqa: E402, F401 - registers the project's models in timm
 import predict  # noqa: E402
 import visualize  # noqa: E402
@@ -104,6 +106,49 @@ def test_predict_bad_input_is_one_line_and_exit_2(checkpoint, images, capsys, ar
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_predict_names_a_file_that_is_not_a_checkpoint_or_the_global_it_refuses(images, tmp_path, capsys):
+    picture = tmp_path / 'photo.pth'
+    Image.new('RGB', (4, 4)).save(picture, format='PNG')
+    pickled = tmp_path / 'pickled.pth'
+    torch.save({'model': {'w': torch.zeros(2)}, 'when': __import__('datetime').date(2024, 1, 1)}, pickled)
+    for path, message in [(picture, f'{picture} is unreadable: not a checkpoint'),
+                          (pickled, f'checkpoint {pickled} holds a pickled datetime.date, which a safe')]:
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main(['--checkpoint', str(path), images])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+        assert 'Weights only load failed' not in err[0]
+
+
+@pytest.fixture(scope='module')
+def pretrained_run(tmp_path_factory):
+    """The checkpoint of a run trained with --pretrained (timm's test_vit, which has published weights) at 32 px
+    for the 3 classes."""
+    torch.manual_seed(0)
+    model = timm.create_model('test_vit', num_classes=3, img_size=32)
+    path = str(tmp_path_factory.mktemp('pretrained') / 'checkpoint.pth')
+    torch.save({'model': model.state_dict(), 'class_names': CLASSES, 'args': {
+        'model': 'test_vit', 'input_size': 32, 'nb_classes': 3, 'pretrained': True}}, path)
+    return path
+
+
+def test_a_pretrained_run_is_rebuilt_from_its_checkpoint_without_a_download(pretrained_run, images, tmp_path,
+                                                                            monkeypatch, capsys):
+    def download(*args, **kwargs):
+        raise AssertionError('the published weights were asked for')
+    monkeypatch.setattr(model_factory, 'create_pretrained', download)
+    monkeypatch.setattr(model_factory, 'prepare_published', download)
+    model, transform, names = predict.load_model(pretrained_run)
+    assert names == CLASSES and model.num_classes == 3
+    assert transform(Image.new('RGB', (50, 40))).shape == (3, 32, 32)  # the run's size, no --input-size needed
+    saved = torch.load(pretrained_run, weights_only=True)['model']
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    output = tmp_path / 'new' / 'folder' / 'attention.png'
+    out = run_tool(visualize_attention, ['--checkpoint', pretrained_run, predict.list_images([images])[0],
+                                         '-o', output], capsys)
+    assert out.strip() == f'wrote {output}' and output.is_file()
+
+
 def test_predict_weights_of_another_model_name_the_first_misfit(images, tmp_path, capsys):
     bare = tmp_path / 'micro.pth'
     torch.save(timm.create_model('deit_micro_patch2_16', num_classes=3).state_dict(), bare)
@@ -112,6 +157,88 @@ def test_predict_weights_of_another_model_name_the_first_misfit(images, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1
     assert f'--checkpoint {bare} does not fit deit_tiny_patch2_16: cls_token is (1, 1, 48) there' in err[0]
+
+
+def write_undecodable_files(folder):
+    """A .jpg that holds text and an empty .png, beside the good images."""
+    (folder / 'cat').mkdir(parents=True, exist_ok=True)
+    (folder / 'cat' / 'notes.jpg').write_text('not an image')
+    (folder / 'empty.png').write_bytes(b'')
+    return [str(folder / 'cat' / 'notes.jpg'), str(folder / 'empty.png')]
+
+
+def test_predict_skips_unreadable_files_names_them_and_exits_1_at_the_end(checkpoint, images, tmp_path, capsys):
+    bad_folder = tmp_path / 'more'
+    bad = write_undecodable_files(bad_folder)
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(['--checkpoint', checkpoint, images, str(bad_folder), '--json', '--batch-size', '4'])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 1
+    assert len(json.loads(out)) == 12  # every readable image, after the unreadable ones
+    lines = err.strip().splitlines()
+    assert [line.split()[3] for line in lines[:2]] == sorted(bad)  # 'skipped: unreadable image PATH (...)'
+    assert lines[-1] == f'error: 2 files could not be read: {", ".join(sorted(bad))} (each is named above); ' \
+                        'remove or replace them'
+    assert '--skip-bad-images' not in err  # a flag of main.py, not of this tool
+
+
+def test_visualize_attention_names_an_unreadable_image_in_one_line(checkpoint, tmp_path, capsys):
+    [bad, _] = write_undecodable_files(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_attention.main(['--checkpoint', checkpoint, bad, '-o', str(tmp_path / 'a.png')])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert f'unreadable image {bad}' in err[0] and '--skip-bad-images' not in err[0]
+    assert not (tmp_path / 'a.png').exists()
+
+
+# ---------------------------------------------------------------- output files
+
+def test_inspect_history_writes_into_a_missing_folder_and_says_when_it_replaces(tmp_path, capsys):
+    history = write_log(str(tmp_path / 'run'), 'deit_micro_patch2_16', [10.0, 20.0])
+    figure = tmp_path / 'figures' / 'history.png'
+    assert run_tool(inspect_history, [history, '-o', figure], capsys).splitlines()[-1] == f'wrote {figure}'
+    assert run_tool(inspect_history, [history, '-o', figure], capsys).splitlines()[-1] == \
+        f'wrote {figure} (replaced the file that was there)'
+
+
+def test_predict_plot_says_when_it_replaces_a_file(checkpoint, images, tmp_path, capsys):
+    plot = tmp_path / 'new' / 'predictions.png'
+    image = predict.list_images([images])[0]
+    predict.main(['--checkpoint', checkpoint, image, '--plot', str(plot)])
+    assert capsys.readouterr().err.strip() == f'wrote {plot}'
+    predict.main(['--checkpoint', checkpoint, image, '--plot', str(plot)])
+    assert capsys.readouterr().err.strip() == f'wrote {plot} (replaced the file that was there)'
+
+
+@pytest.mark.parametrize('tool', ['predict', 'visualize_attention', 'inspect_history', 'export'])
+def test_an_output_under_a_file_is_refused_before_any_work(tool, checkpoint, images, tmp_path, capsys):
+    blocker = tmp_path / 'results'
+    blocker.write_text('a file, not a folder')
+    target = blocker / 'out.png'
+    image = predict.list_images([images])[0]
+    argv = {'predict': (predict, ['--checkpoint', checkpoint, image, '--plot', target]),
+            'visualize_attention': (visualize_attention, ['--checkpoint', checkpoint, image, '-o', target]),
+            'inspect_history': (inspect_history, [write_log(str(tmp_path / 'run'), 'm', [1.0]), '-o', target]),
+            'export': (export, [checkpoint, target])}
+    flag = {'predict': '--plot', 'export': 'output file'}.get(tool, '-o')
+    module, args = argv[tool]
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ''  # no predictions, tables or pictures first
+    assert err.strip().splitlines() == [f'error: {flag} {target} lies under {blocker}, which is a file; '
+                                        'pass a path in a folder']
+
+
+def test_export_into_a_missing_folder_and_never_over_a_file(checkpoint, tmp_path, capsys):
+    target = tmp_path / 'exports' / 'micro.safetensors'
+    assert run_tool(export, [checkpoint, target], capsys).startswith('wrote ')
+    before = target.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([checkpoint, str(target)])
+    assert exit_info.value.code == 2 and 'exists' in capsys.readouterr().err
+    assert target.read_bytes() == before
 
 
 # ---------------------------------------------------------------- inspect_history
