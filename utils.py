@@ -367,7 +367,8 @@ LEGACY_MAGIC = b'\x8a\x0a' + 0x1950a86a20f9469cfc6c.to_bytes(10, 'little')  # af
 
 
 def written_by_torch_save(path):
-    """Whether the file starts as torch.save's do: a zip archive (since torch 1.6), else a pickle of its magic number."""
+    """Whether the file starts as torch.save's do: a zip archive (since torch 1.6), else a pickle of its magic
+    number."""
     try:
         with open(path, 'rb') as f:
             head = f.read(2 + len(LEGACY_MAGIC))
