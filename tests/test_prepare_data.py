@@ -186,14 +186,6 @@ def test_a_read_only_dst_is_one_line_and_nothing_is_written(tmp_path, capsys, mo
     assert os.listdir(tmp_path / 'dst') == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
-def test_a_folder_without_write_permission_is_one_line(tmp_path, capsys):
-    src = write_image_folder(str(tmp_path / 'src'), per_class=(1, 1))
-    (tmp_path / 'locked').mkdir(mode=0o555)
-    code, out, err = prepare(capsys, src, tmp_path / 'locked' / 'dst')
-    assert code == 2 and err.startswith('error: cannot write to ') and len(err.splitlines()) == 1
-
-
 def test_ctrl_c_inside_a_write_leaves_no_part_of_the_file(src_and_clean_copy, tmp_path, capsys, monkeypatch):
     src, clean = src_and_clean_copy
     dst = tmp_path / 'dst'
