@@ -51,7 +51,13 @@ def _create_pretrained(name, kwargs):
         raise ValueError(f'{name} has no published weights; train it with main.py and pass the file with '
                          "checkpoint_path='.../checkpoint.pth'")
     try:
+        if not kwargs.get('pretrained_cfg_overlay'):  # the cfg's own source: one attempt at the hub, or its cache
+            source, where = model_factory.prepare_published(name)
+            kwargs = dict(kwargs, **where)
         return timm.create_model(name, pretrained=True, **kwargs)
+    except model_factory.HubUnreachable as e:
+        raise RuntimeError(f'could not fetch the {name} weights from {e}; download them yourself and pass the local '
+                           "file with checkpoint_path='...'") from e
     except OSError as e:
         raise RuntimeError(f'could not fetch the {name} weights from {source} ({model_factory.fetch_failure(e)}); '
                            "download them yourself and pass the local file with checkpoint_path='...'") from e

@@ -124,6 +124,18 @@ def test_pretrained_offline_says_to_pass_a_local_file(monkeypatch):
     assert '\n' not in str(info.value)
 
 
+def test_pretrained_from_the_hub_offline_fails_after_one_attempt(monkeypatch):
+    import model_factory
+    attempts = []
+    monkeypatch.setattr(model_factory, 'cached_hub_file', lambda *a: '')  # not downloaded before
+    monkeypatch.setattr(model_factory, 'hub_unreachable', lambda *a: attempts.append(a) or 'ConnectError: offline')
+    with pytest.raises(RuntimeError, match=r'could not fetch the deit_tiny_patch16_224 weights from https://\S+ '
+                                           r'\(Hugging Face hub id timm/deit_tiny_patch16_224\.fb_in1k\) after one '
+                                           r'attempt .*checkpoint_path=') as info:
+        hubconf.deit_tiny_patch16_224(pretrained=True)
+    assert len(attempts) == 1 and '\n' not in str(info.value)
+
+
 OUR_MODULES = ['models', 'localvit_models', 'dhvt_models', 'evit_models', 'patchconvnet_models']
 
 
