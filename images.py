@@ -37,7 +37,7 @@ def load_rgb(path, data=None):
 
 def _reason(error):
     """PIL's message without the file object it quotes (the path is named already), on one line."""
-    text = re.sub(r'<_io\.\w+ name=[^>]*>', 'the file', str(error)) or 'empty file'
+    text = re.sub(r'\s*<_io\.\w+ name=[^>]*>', '', str(error)) or 'empty file'
     return ' '.join(text.split())[:120]
 
 
