@@ -6,7 +6,8 @@
 #   recipe.sh [DATA_PATH [OUTPUT_DIR [more main.py flags ...]]]     (or DATA_PATH=... OUTPUT_DIR=... recipe.sh)
 #   NPROC=8 recipe.sh ...      processes (GPUs) on this node; default: the paper's
 #   LOCAL=1 recipe.sh          one CPU epoch of the same recipe on 64 fake 32 px images: checks that it starts
-#                              (a budget recipe gets --time-budget 0.005, 18 s, in place of its own)
+#                              (a budget recipe gets --time-budget 0.005, 18 s, in place of its own; weights it
+#                              would download or take from an earlier run are random ones made on the spot)
 
 DATA_PATH=${1:-${DATA_PATH:-$DEFAULT_DATA_PATH}}
 OUTPUT_DIR=${2:-${OUTPUT_DIR:-runs/$(basename "$0" .sh)}}
@@ -14,6 +15,23 @@ EXTRA_FLAGS=("${@:3}")
 NPROC=${NPROC:-$PAPER_NPROC}
 MAIN=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/main.py
 CONFIGS=$(cd "$(dirname "${BASH_SOURCE[0]}")/../configs" && pwd)
+
+if [[ "${LOCAL:-0}" == 1 ]]; then
+    STANDINS=$(mktemp -d)
+    trap 'rm -rf "$STANDINS"' EXIT
+fi
+
+random_weights() {  # MODEL: prints the path of a temporary file holding MODEL's random initial weights (LOCAL=1)
+    "${PYTHON:-python}" - "$(dirname "$MAIN")" "$1" "$STANDINS/$1.pth" <<'PY'
+import sys
+import timm
+import torch
+sys.path.insert(0, sys.argv[1])
+import models  # noqa: F401,E402 - registers this repository's families
+torch.save(timm.create_model(sys.argv[2]).state_dict(), sys.argv[3])
+PY
+    echo "$STANDINS/$1.pth"
+}
 
 recipe_file() {  # the FILE of "-c FILE" among the arguments
     while (( $# > 1 )); do
