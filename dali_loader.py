@@ -19,7 +19,7 @@ import torch
 from datasets import auto_augment_policy, preprocessing
 from utils import UserError
 
-DATA_SETS = ('IMNET', 'FOLDER', 'LIST', 'INAT18', 'INAT19')  # data sets whose samples are (image file, label)
+DATA_SETS = ('IMNET', 'FOLDER', 'LIST', 'INAT18', 'INAT19', 'WDS')  # data sets of encoded image files
 INTERPOLATIONS = {'bicubic': 'INTERP_CUBIC', 'bilinear': 'INTERP_LINEAR', 'nearest': 'INTERP_NN'}
 RAND_AUGMENT = re.compile(r'rand(-[a-z]+\d*(\.\d+)?)*$')
 
@@ -116,8 +116,8 @@ class DaliLoader:
 
     PREFETCH = 2  # batches in DALI's queue ahead of the one handed over
 
-    def __init__(self, samples, sampler, batch_size, pipeline, drop_last, device, num_threads):
-        self.samples, self.sampler, self.batch_size, self.pipeline = samples, sampler, batch_size, pipeline
+    def __init__(self, encoded, sampler, batch_size, pipeline, drop_last, device, num_threads):
+        self.encoded, self.sampler, self.batch_size, self.pipeline = encoded, sampler, batch_size, pipeline
         self.drop_last, self.device, self.num_threads = drop_last, torch.device(device), max(num_threads, 1)
         self.pipe, self.builds = None, 0
 
@@ -133,7 +133,7 @@ class DaliLoader:
         if self.pipe is None:
             self._build(seed=order[0][1] % 2 ** 31 if isinstance(order[0], tuple) else 0)
         batches = [indices[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)]
-        reads = _FileReads(self.samples, batches, self.num_threads, ahead=self.PREFETCH + 2)
+        reads = _FileReads(self.encoded, batches, self.num_threads, ahead=self.PREFETCH + 2)
         self.in_flight = 0
         try:
             self._start([reads.next() for _ in range(min(self.PREFETCH, len(batches)))])
@@ -157,8 +157,7 @@ class DaliLoader:
             return self.pipe.outputs()
         except RuntimeError as e:
             self.pipe, self.in_flight = None, 0  # DALI: "Current pipeline object is no longer valid"
-            paths = [str(self.samples[i][0]) for batch in in_flight for i in batch]
-            raise undecodable(paths, e) from e
+            raise undecodable([i for batch in in_flight for i in batch], e, self.encoded) from e
 
     def _start(self, reads):
         """Feed and schedule the first batches. A new pipeline's first schedule_run runs PREFETCH iterations, so a
@@ -196,37 +195,54 @@ class DaliLoader:
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
 
-def undecodable(paths, error):
-    """BadImageError for the first of `paths` that the pil backend cannot read either, else for the group."""
+def undecodable(indices, error, encoded):
+    """BadImageError for the first sample of `indices` that the pil backend cannot read either, else for the group."""
     from images import BadImageError, load_rgb
-    for path in paths:
+    names = []
+    for i in indices:
+        data, _, name = encoded(i)
+        names.append(name)
         try:
-            load_rgb(path)
+            load_rgb(name, data)
         except BadImageError as bad:
             return BadImageError(f'{str(bad).split("; ")[0]}; remove it (or train with --data-backend pil '
                                  '--skip-bad-images, which DALI lacks)')
     reason = str(error).strip().splitlines()[0][:200]
-    shown = ', '.join(paths[:4]) + (f' and {len(paths) - 4} more' if len(paths) > 4 else '')
+    shown = ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
     return BadImageError(f'DALI cannot decode one of {shown}, which the pil backend reads ({reason}); convert it '
                          '(scripts/prepare_data.py rewrites every image) or use --data-backend pil')
 
 
-class _FileReads:
-    """The encoded files of each batch, in order, read by a thread pool at most `ahead` batches ahead."""
+def encoded_samples(dataset):
+    """encoded(i) -> (the encoded image as uint8, label, its name for messages): a shard set's own reader, else the
+    file of an image-file data set's (path, label) sample."""
+    if hasattr(dataset, 'encoded'):
+        def from_shards(i):
+            data, label, name = dataset.encoded(i)
+            return np.frombuffer(data, dtype=np.uint8), label, name
+        return from_shards
+    samples = dataset.samples
 
-    def __init__(self, samples, batches, threads, ahead):
-        self.samples, self.batches, self.ahead = samples, batches, ahead
+    def from_files(i):
+        path, label = samples[i]
+        return _read_file(str(path)), label, str(path)
+    return from_files
+
+
+class _FileReads:
+    """The encoded images of each batch, in order, read by a thread pool at most `ahead` batches ahead."""
+
+    def __init__(self, encoded, batches, threads, ahead):
+        self.encoded, self.batches, self.ahead = encoded, batches, ahead
         self.pool, self.pending, self.submitted = ThreadPoolExecutor(threads), [], 0
 
     def next(self):
-        """(file contents, labels) of the next batch."""
+        """(encoded images, labels) of the next batch."""
         while self.submitted < len(self.batches) and len(self.pending) < self.ahead:
-            batch = self.batches[self.submitted]
-            files = [self.pool.submit(_read_file, str(self.samples[i][0])) for i in batch]
-            self.pending.append((files, [np.array([self.samples[i][1]], dtype=np.int32) for i in batch]))
+            self.pending.append([self.pool.submit(self.encoded, i) for i in self.batches[self.submitted]])
             self.submitted += 1
-        files, labels = self.pending.pop(0)
-        return [f.result() for f in files], labels
+        samples = [f.result() for f in self.pending.pop(0)]
+        return [data for data, _, _ in samples], [np.array([label], dtype=np.int32) for _, label, _ in samples]
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -324,11 +340,11 @@ def eval_pipeline(args):
 
 def build_train_loader(args, dataset, sampler, batch_size):
     """args: flags that check_flags has passed."""
-    return DaliLoader(dataset.samples, sampler, batch_size, train_pipeline(args), drop_last=True, device=args.device,
-                      num_threads=args.num_workers)
+    return DaliLoader(encoded_samples(dataset), sampler, batch_size, train_pipeline(args), drop_last=True,
+                      device=args.device, num_threads=args.num_workers)
 
 
 def build_val_loader(args, dataset, sampler, batch_size):
     """args: flags that check_flags has passed."""
-    return DaliLoader(dataset.samples, sampler, batch_size, eval_pipeline(args), drop_last=False,
+    return DaliLoader(encoded_samples(dataset), sampler, batch_size, eval_pipeline(args), drop_last=False,
                       device=args.device, num_threads=args.num_workers)

@@ -66,16 +66,16 @@ class UndecodedJPEG:
                                 'remove or replace it, or pass --skip-bad-images') from e
 
 
-def open_image(path):
+def open_image(path, data=None):
     """What a training crop that decodes only what it needs reads: a JPEG in RGB or grayscale as an UndecodedJPEG,
-    any other image decoded by load_rgb."""
-    if path.lower().endswith(('.jpg', '.jpeg')) and os.path.isfile(path):
+    any other image decoded by load_rgb. data: the file's bytes when they were read elsewhere (a shard)."""
+    if path.lower().endswith(('.jpg', '.jpeg')) and (data is not None or os.path.isfile(path)):
         try:
-            img = Image.open(path)
+            img = Image.open(path if data is None else io.BytesIO(data))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             img = None  # load_rgb names the file and the reason
         if img is not None and img.format == 'JPEG' and img.mode in ('RGB', 'L'):
             return UndecodedJPEG(path, img)
         if img is not None:
             img.close()
-    return load_rgb(path)
+    return load_rgb(path, data)

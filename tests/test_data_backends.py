@@ -4,6 +4,7 @@ from pathlib import Path
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -133,7 +134,8 @@ def test_a_file_gone_during_a_dali_run_is_named(photos, tmp_path):
 def test_a_file_only_dali_refuses_is_named_with_its_batch(photos):
     """pil reads every file here, so the error lists the batch's files and says which backend reads them."""
     paths = sorted(str(p) for p in Path(photos).rglob('*.jpg'))[:6]
-    error = dali_loader.undecodable(paths, RuntimeError("nvImageCodec failure: '#4'\nmore DALI lines"))
+    encoded = dali_loader.encoded_samples(SimpleNamespace(samples=[(path, 0) for path in paths]))
+    error = dali_loader.undecodable(range(6), RuntimeError("nvImageCodec failure: '#4'\nmore DALI lines"), encoded)
     assert str(error).startswith(f'DALI cannot decode one of {paths[0]}, ') and 'and 2 more' in str(error)
     assert "nvImageCodec failure: '#4'" in str(error) and '\n' not in str(error)
 
