@@ -141,6 +141,45 @@ def read_member(f, offset, size):
     return data
 
 
+# ---------------------------------------------------------------- what training needs of a sample
+
+IMAGE_MAGIC = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF8', b'BM', b'II*\x00', b'MM\x00*',
+               b'P1', b'P2', b'P3', b'P4', b'P5', b'P6')
+
+
+def looks_like_an_image(head):
+    """Whether the first bytes of a member are those of an image file (JPEG, PNG, WebP, GIF, BMP, TIFF, PNM)."""
+    return head.startswith(IMAGE_MAGIC) or (head[:4] == b'RIFF' and head[8:12] == b'WEBP')
+
+
+def sample_problems(path, entries):
+    """One line per sample of a shard that training could not read: no image member, no .cls label, or an image
+    member that is not an image."""
+    problems = []
+    with open(path, 'rb') as f:
+        for entry in entries:
+            problem = sample_problem(f, entry)
+            if problem:
+                problems.append(f'shard {path}: sample {entry.key} {problem}')
+    return problems
+
+
+def sample_problem(f, entry):
+    """What is wrong with one sample, or ''."""
+    images = [ext for ext in entry.members if ext.lower() in IMAGE_EXTS]
+    if not images:
+        return f'has no image member (it has {", ".join("." + ext for ext in entry.members)})'
+    if 'cls' not in entry.members:
+        return 'has no .cls label member'
+    label = read_member(f, *entry.members['cls'])
+    if not label.strip().isdigit():
+        return f'has a .cls label that is not a class index ({label[:20]!r})'
+    head = read_member(f, entry.members[images[0]][0], min(16, entry.members[images[0]][1]))
+    if not looks_like_an_image(head):
+        return f'has a .{images[0]} member that is not an image (it starts with {head[:8]!r})'
+    return ''
+
+
 # ---------------------------------------------------------------- the index file (DALI's format)
 
 def index_path(root, filename, cache_dir=None):
@@ -324,12 +363,26 @@ def expand_braces(pattern):
     return [name for choice in choices for name in expand_braces(head + choice + tail)]
 
 
+def group_splits(counts):
+    """{split: [(filename, count)]} from shard names such as imagenet1k-train-0000.tar or train-000000.tar: the word
+    before the number names the split (the whole prefix where two prefixes end in the same word)."""
+    groups = {}
+    for filename in sorted(counts, key=lambda name: [int(part) if part.isdigit() else part
+                                                     for part in re.split(r'(\d+)', name)]):
+        match = re.fullmatch(r'(.*?)[-_]?\d+\.tar', filename)
+        prefix = match.group(1) if match and match.group(1) else filename[:-len('.tar')]
+        groups.setdefault(prefix, []).append((filename, counts[filename]))
+    words = {prefix: re.split(r'[-_]', prefix)[-1] or prefix for prefix in groups}
+    shared = {word for word in words.values() if list(words.values()).count(word) > 1}
+    return {(prefix if words[prefix] in shared else words[prefix]): files for prefix, files in groups.items()}
+
+
 def write_info(dst, splits):
     """Write dst/_info.json in timm's layout for splits {split: [(filename, count)]}, keeping the other splits of
     an existing one."""
     path = os.path.join(dst, INFO_FILES[0])
     info = load_info(dst)[0] if os.path.isfile(path) else None
-    info = info or {'name': os.path.basename(os.path.abspath(dst)), 'splits': {}}
+    info = info or {'splits': {}}
     for split, written in splits.items():
         info['splits'][split] = {'name': split, 'num_samples': sum(count for _, count in written),
                                  'filenames': [name for name, _ in written],

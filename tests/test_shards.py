@@ -3,12 +3,15 @@ DALI's format (read by DALI itself), read back with exactly the samples written,
 import io
 import json
 import os
+import sys
 import tarfile
 
 import numpy as np
 import pytest
 
+import datasets
 import shards
+from conftest import ROOT, snapshot, write_image_folder
 
 # ---------------------------------------------------------------- shards made by the test
 
@@ -211,3 +214,210 @@ def test_a_broken_index_is_one_line(tmp_path):
         with pytest.raises(shards.ShardError, match=message) as error:
             shards.read_index(str(idx))
         assert str(idx) in one_line(error.value)
+
+
+# ---------------------------------------------------------------- scripts/prepare_data.py --shards and --index
+
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import prepare_data  # noqa: E402
+
+
+def prepare(capsys, *argv, workers=1):
+    """(exit code, stdout, stderr) of the script run in this process."""
+    try:
+        code = prepare_data.main([*map(str, argv), '--workers', str(workers)])
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_shard_set(root, split):
+    """[(key, {ext: bytes})] of a split, read through _info.json and the index files."""
+    samples = []
+    for filename in shards.load_split_info(str(root), split).filenames:
+        with open(os.path.join(root, filename), 'rb') as f:
+            for entry in shards.read_index(shards.index_path(str(root), filename)):
+                samples.append((entry.key, {ext: shards.read_member(f, *at) for ext, at in entry.members.items()}))
+    return samples
+
+
+@pytest.fixture(scope='module')
+def folder_and_shards(tmp_path_factory):
+    """write_image_folder's 36 train and 12 val images, and their shards of 5 samples made in one run."""
+    root = tmp_path_factory.mktemp('shards')
+    src = write_image_folder(str(root / 'src'))
+    try:
+        assert prepare_data.main([src, str(root / 'wds'), '--shards', '--shard-size', '5', '--workers', '2']) == 0
+    except SystemExit as stop:
+        raise AssertionError(f'prepare_data.py exited with {stop.code}') from None
+    return src, root / 'wds'
+
+
+def test_a_folder_becomes_shards_that_read_back_as_the_folder(folder_and_shards):
+    src, dst = folder_and_shards
+    assert json.loads((dst / 'classes.json').read_text()) == ['cat', 'dog', 'fish']
+    for folder, split in (('train', 'train'), ('val', 'validation')):
+        folder_samples = datasets.ImageFolder(os.path.join(src, folder)).samples  # as IMNET training reads it
+        read = read_shard_set(dst, split)
+        assert len(read) == len(folder_samples) == len({key for key, _ in read})
+        expected = {}
+        for path, label in folder_samples:
+            rel = os.path.relpath(path, src)
+            with open(path, 'rb') as f:
+                expected[rel] = (f.read(), label)
+        got = {}
+        for key, members in read:
+            meta = json.loads(members['json'])
+            image = members['png' if meta['filename'].endswith('.png') else 'jpg']
+            assert set(members) == {'cls', 'json', os.path.splitext(meta['filename'])[1][1:]} and '.' not in key
+            assert int(members['cls']) == meta['label'] and meta['class_name'] == ['cat', 'dog', 'fish'][meta['label']]
+            got[meta['filename']] = (image, meta['label'])
+        assert got == expected  # every image's bytes and label, nothing more
+        first_shard = read[:5]
+        assert len({json.loads(m['json'])['label'] for _, m in first_shard}) > 1  # shuffled across classes
+    info = json.loads((dst / '_info.json').read_text())
+    assert info['splits']['train']['shard_lengths'] == [5] * 7 + [1]
+    assert info['splits']['validation']['filenames'] == ['validation-000000.tar', 'validation-000001.tar',
+                                                         'validation-000002.tar']
+
+
+def test_shards_are_byte_identical_between_runs_and_a_rerun_does_nothing(folder_and_shards, tmp_path, capsys):
+    src, clean = folder_and_shards
+    code, out, err = prepare(capsys, src, tmp_path / 'again', '--shards', '--shard-size', 5)
+    assert code == 0 and out.splitlines()[-2:] == [
+        f'48 images, 0 unreadable; 48 written to {tmp_path / "again"} (train: 36 samples in 8 shards; validation: '
+        '12 samples in 3 shards)', f'{tmp_path / "again"} is a complete shard set '
+        f'({tmp_path / "again" / "prepare_data.json"})']
+    assert snapshot(tmp_path / 'again') == snapshot(clean)
+    code, out, _ = prepare(capsys, src, tmp_path / 'again', '--shards', '--shard-size', 5)
+    assert code == 0 and out.endswith('48 images in 11 shards; nothing to do\n')
+    code, _, err = prepare(capsys, src, tmp_path / 'again', '--shards', '--shard-size', 6)
+    assert code == 2 and err == f'error: {tmp_path / "again"} is a shard set of {os.path.realpath(src)} with ' \
+                                '--max-side 0, --shard-size 5 and --seed 0 (JPEG quality 95); run with those options ' \
+                                'to complete it, or pass a new DST\n'
+
+
+def test_an_interrupted_shard_set_is_completed_by_a_rerun(folder_and_shards, tmp_path, capsys, monkeypatch):
+    src, clean = folder_and_shards
+    dst = tmp_path / 'dst'
+
+    def failing_open(path, mode='r', *args, **kwargs):
+        if 'w' in mode and 'train-000003.tar' in str(path):
+            raise KeyboardInterrupt
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(shards, 'open', failing_open, raising=False)
+    code, out, err = prepare(capsys, src, dst, '--shards', '--shard-size', 5)
+    assert code == 130
+    assert err == f'interrupted: the shard set in {dst} is unfinished; run the same command again to complete it\n'
+    assert not any(name.endswith('.tmp') or name.startswith('train-000003') for name in os.listdir(dst))
+    assert not json.loads((dst / 'prepare_data.json').read_text())['complete']
+    monkeypatch.undo()
+    code, out, _ = prepare(capsys, src, dst, '--shards', '--shard-size', 5)
+    assert code == 0 and '; 3 shards by an earlier run)' in out
+    assert snapshot(dst) == snapshot(clean)
+
+
+def test_unreadable_images_leave_the_set_unfinished_until_skipped(tmp_path, capsys):
+    src = write_image_folder(str(tmp_path / 'src'), per_class=(3, 1))
+    broken = tmp_path / 'src' / 'train' / 'dog' / 'broken.jpg'
+    broken.write_bytes(b'not a jpeg')
+    (tmp_path / 'src' / 'train' / 'notes.txt').write_text('by hand')
+    dst = tmp_path / 'dst'
+    code, out, err = prepare(capsys, src, dst, '--shards', '--shard-size', 4)
+    assert code == 1 and 'Traceback' not in err
+    assert any(line.startswith(f'unreadable image {broken} (') for line in out.splitlines())
+    assert err.strip() == (f'error: 1 unreadable image not written, so the shard set in {dst} is unfinished; remove '
+                           'or replace them in SRC and pass a new DST, or add --skip-bad-images to complete it '
+                           'without them')
+    code, out, err = prepare(capsys, src, dst, '--shards', '--shard-size', 4, '--skip-bad-images')
+    assert code == 0 and '13 images, 1 unreadable; 12 written to' in out
+    assert len(read_shard_set(dst, 'train')) == 9 and len(read_shard_set(dst, 'validation')) == 3
+    listed = (dst / 'not_copied.txt').read_text().splitlines()
+    assert [line.split('\t')[0] for line in listed] == [os.path.join('train', 'dog', 'broken.jpg'),
+                                                        os.path.join('train', 'notes.txt')]
+
+
+def test_index_writes_the_index_files_and_info_of_published_shards(tmp_path, capsys):
+    written = published_set(str(tmp_path / 'wds'))
+    code, out, err = prepare(capsys, '--index', tmp_path / 'wds', workers=2)
+    assert code == 0 and err == ''
+    assert out.splitlines()[-2:] == [f'3 shards: 3 indexed now, 0 before, 0 damaged; index files in {tmp_path / "wds"}',
+                                     'train: 9 samples in 3 shards']
+    for name, samples in written.items():
+        entries = shards.read_index(str(tmp_path / 'wds' / name.replace('.tar', '.idx')))
+        assert entries == shards.index_shard(str(tmp_path / 'wds' / name))
+    assert read_shard_set(tmp_path / 'wds', 'train') == [s for samples in written.values() for s in samples]
+    code, out, _ = prepare(capsys, '--index', tmp_path / 'wds')
+    assert code == 0 and '3 shards: 0 indexed now, 3 before, 0 damaged' in out
+    code, out, _ = prepare(capsys, '--index', tmp_path / 'wds', '--cache-dir', tmp_path / 'cache')
+    assert code == 0 and sorted(os.listdir(tmp_path / 'cache')) == [f'imagenet1k-train-000{n}.idx' for n in range(3)]
+
+
+def test_bad_published_shards_are_named_one_line_each(tmp_path, capsys):
+    root = tmp_path / 'wds'
+    published_set(str(root))
+    bad = {name: str(root / name) for name in ('imagenet1k-train-0000.tar', 'imagenet1k-train-0001.tar',
+                                               'imagenet1k-train-0002.tar')}
+    raw = open(bad['imagenet1k-train-0000.tar'], 'rb').read()
+    open(bad['imagenet1k-train-0000.tar'], 'wb').write(raw[:len(raw) // 2])
+    rewrite(bad['imagenet1k-train-0001.tar'], lambda key, ext: ext != 'cls' or not key.endswith('_4'))
+    rewrite(bad['imagenet1k-train-0002.tar'], lambda key, ext: True, {'jpg': b'<html>not found</html>'})
+    code, out, err = prepare(capsys, '--index', root)
+    assert code == 1 and err == ''
+    lines = out.splitlines()
+    assert any(line.startswith(f'shard {bad["imagenet1k-train-0000.tar"]} is truncated after sample n01440002_2')
+               for line in lines), out
+    assert f'shard {bad["imagenet1k-train-0001.tar"]}: sample n01440004_4 has no .cls label member' in lines
+    assert f"shard {bad['imagenet1k-train-0002.tar']}: sample n01440007_7 has a .jpg member that is not an image " \
+           "(it starts with b'<html>no')" in lines
+    assert f'{root} has no _info.json, and it is not written while a shard is damaged' in lines
+    assert not os.path.exists(root / '_info.json') and not os.path.exists(root / 'imagenet1k-train-0000.idx')
+    assert os.path.exists(root / 'imagenet1k-train-0002.idx')  # training can skip its bad sample
+
+
+def rewrite(path, keep, replace=None):
+    """Rewrite a published-layout shard, keeping the members keep(key, ext) allows; its first sample's members
+    named in `replace` get those bytes."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isreg()]
+    first = shards.split_name(members[0][0].name)[0]
+    with tarfile.open(path, 'w') as tar:
+        for member, data in members:
+            key, ext = shards.split_name(member.name)
+            if keep(key, ext):
+                data = (replace or {}).get(ext, data) if key == first else data
+                add(tar, tarfile.TarInfo(member.name), data)
+
+
+def test_wrong_flags_and_destinations_are_one_line_errors(folder_and_shards, tmp_path, capsys):
+    src, _ = folder_and_shards
+    copy = tmp_path / 'copy'
+    assert prepare(capsys, src, copy)[0] == 0
+    for argv, message in (((src, tmp_path / 'x', '--shard-size', 4), '--shard-size and --seed set how --shards'),
+                          ((src, '--cache-dir', tmp_path), '--cache-dir is where --index ROOT writes'),
+                          ((src, '--index', tmp_path), '--index ROOT takes no SRC'),
+                          ((src, '--shards'), '--shards writes shards; pass DST'),
+                          ((src, tmp_path / 'x', '--shards', '--shard-size', 0), '--shard-size must be >= 1'),
+                          (('--index', tmp_path / 'none'), 'is not a folder'),
+                          (('--index', copy), 'holds no .tar shards'),
+                          ((tmp_path / 'copy' / 'train', tmp_path / 'x', '--shards'), 'has no train/ or val/ folder'),
+                          ((src, copy, '--shards'), f'{copy} is a copy of {os.path.realpath(src)} with --max-side 0 '
+                                                    '(JPEG quality 95); run with those options')):
+        code, out, err = prepare(capsys, *argv)
+        assert code == 2 and err.startswith('error: ') and message in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / 'x')
+
+
+def test_a_changed_source_is_refused_until_dst_is_new(tmp_path, capsys, monkeypatch):
+    src = write_image_folder(str(tmp_path / 'src'), per_class=(2, 1))
+    dst = tmp_path / 'dst'
+    monkeypatch.setattr(shards, 'write_info', lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert prepare(capsys, src, dst, '--shards')[0] == 130
+    monkeypatch.undo()
+    os.remove(os.path.join(src, 'train', 'cat', 'cat_0.jpg'))
+    code, _, err = prepare(capsys, src, dst, '--shards')
+    assert code == 2 and err == f'error: {os.path.realpath(src)} has changed since the shard set in {dst} was ' \
+                                f'started (images added, removed or renamed); pass a new DST, or remove {dst} to ' \
+                                'start again\n'
