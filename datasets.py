@@ -15,7 +15,7 @@ from torchvision.transforms import functional as F
 from images import BadImageError, UndecodedJPEG, load_rgb, open_image  # noqa: F401 - BadImageError: for callers
 from utils import UserError
 
-DATASETS = ('IMNET', 'FOLDER', 'CIFAR10', 'CIFAR100', 'INAT18', 'INAT19', 'LIST', 'DIGITS', 'FAKE')
+DATASETS = ('IMNET', 'FOLDER', 'CIFAR10', 'CIFAR100', 'INAT18', 'INAT19', 'LIST', 'WDS', 'DIGITS', 'FAKE')
 DATASET_ALIASES = {'CIFAR': 'CIFAR100', 'INAT': 'INAT18'}  # DeiT's spellings
 SMALL_IMAGE_MAX = 32  # inputs of this many pixels or fewer get the small-image pipeline, as in DeiT
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -37,7 +37,8 @@ def build_dataset(is_train, args, uint8=False):
         raise UserError(f'--use-lmdb reads IMNET / FOLDER data from an LMDB, not {args.data_set}; drop --use-lmdb')
     transform = build_transform(is_train, args, uint8)
     builder = {'IMNET': _image_folder, 'FOLDER': _image_folder, 'CIFAR10': _cifar, 'CIFAR100': _cifar,
-               'INAT18': _inat, 'INAT19': _inat, 'LIST': _list, 'DIGITS': _digits, 'FAKE': _fake}[args.data_set]
+               'INAT18': _inat, 'INAT19': _inat, 'LIST': _list, 'WDS': _wds, 'DIGITS': _digits,
+               'FAKE': _fake}[args.data_set]
     return builder(is_train, args, transform)
 
 
@@ -244,6 +245,14 @@ def _list(is_train, args, transform):
             raise UserError(f'{args.val_list} has labels the train list {args.train_list} lacks; '
                             'use the same label numbering in both lists')
     return dataset, train.classes
+
+
+def _wds(is_train, args, transform):
+    from wds_dataset import ShardDataset, class_names
+    root = _require_folder(args.data_path, '--data-path', 'a folder of WebDataset shards with their _info.json')
+    dataset = ShardDataset(root, args.train_split if is_train else args.val_split,
+                           class_names(root, args.num_classes), transform, args.wds_label_key, args.wds_index_dir)
+    return dataset, dataset.classes
 
 
 class ArrayImageDataset(torch.utils.data.Dataset):

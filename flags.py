@@ -207,6 +207,14 @@ def get_args_parser():
     g.add_argument('--train-list', default='', metavar='FILE',
                    help='LIST data set: lines of "image path relative to --data-path, label"')
     g.add_argument('--val-list', default='', metavar='FILE', help='LIST data set: the validation list')
+    g.add_argument('--train-split', default='train',
+                   help="WDS: the training split's name in _info.json, or a brace pattern of its shards "
+                   "('train-{000000..000127}.tar')")
+    g.add_argument('--val-split', default='validation', help='WDS: the validation split, as --train-split')
+    g.add_argument('--wds-label-key', default='cls', help="WDS: the member that holds a sample's class index")
+    g.add_argument('--wds-index-dir', default=None, metavar='DIR',
+                   help='WDS: where the shards\' .idx files are (default: beside the shards; made once by '
+                   'scripts/prepare_data.py --index)')
     g.add_argument('--inat-category', default='name',
                    choices=['kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'])
     g.add_argument('--download', **SWITCH, help='let CIFAR10/100 download when missing')
