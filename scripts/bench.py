@@ -238,12 +238,24 @@ def image_files(folder):
                   if name.lower().endswith(datasets.IMG_EXTENSIONS))
 
 
+def shard_set(folder):
+    """The training split of a WebDataset shard folder (one with _info.json) as main.py reads it, else None."""
+    if not os.path.isfile(os.path.join(folder, '_info.json')):
+        return None
+    from wds_dataset import ShardDataset, class_names
+    return ShardDataset(folder, 'train', class_names(folder, None))
+
+
 def make_pil_loader(paths, config, batch_size, workers, baseline, batches):
     """main.py's pil loader: uint8 images, JPEGs decoded only as far as the crop needs. `baseline`: the loader as it
     was before both, every JPEG decoded in full, normalised and erased in the worker. It draws `batches` batches,
-    going round the files as often as that takes."""
+    going round the files (or a ShardDataset's samples) as often as that takes."""
     transform = datasets.build_transform(True, config, uint8=not baseline)
-    files = ImageFiles(paths, transform, datasets.load_rgb if baseline else datasets.loader_for(transform))
+    loader = datasets.load_rgb if baseline else datasets.loader_for(transform)
+    if isinstance(paths, list):
+        files = ImageFiles(paths, transform, loader)
+    else:
+        files, files.transform, files.loader = paths, transform, loader
     sampler = torch.utils.data.RandomSampler(files, num_samples=batches * batch_size)
     return DataLoader(files, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                       **({'prefetch_factor': PREFETCH_FACTOR} if workers else {}))
@@ -254,10 +266,9 @@ def make_dali_loader(paths, config, batch_size, workers, batches):
     `batches` batches."""
     config = argparse.Namespace(**dict(vars(config), num_workers=workers))
     loaders.dali_loader.check_flags(config)
-    files = [(path, 0) for path in paths]
-    order = torch.randint(len(files), (batches * batch_size,), generator=torch.Generator().manual_seed(0))
-    return loaders.dali_loader.build_train_loader(config, argparse.Namespace(samples=files), order.tolist(),
-                                                  batch_size)
+    files = argparse.Namespace(samples=[(path, 0) for path in paths]) if isinstance(paths, list) else paths
+    order = torch.randint(len(paths), (batches * batch_size,), generator=torch.Generator().manual_seed(0))
+    return loaders.dali_loader.build_train_loader(config, files, order.tolist(), batch_size)
 
 
 def loader_batches(requested, workers):
@@ -275,11 +286,11 @@ def loader_images_per_sec(loader):
 
 def loader_speeds(args, config):
     """({backend: {workers: img/s}}, {workers: batches timed})."""
-    paths = image_files(args.data_folder)
+    paths = shard_set(args.data_folder) or image_files(args.data_folder)
     if len(paths) < args.batch_size:
         raise ValueError(f'--data-folder {args.data_folder} holds {len(paths)} images, fewer than one batch of '
                          f'{args.batch_size}; add images or lower --batch-size')
-    config.data_set = 'FOLDER'
+    config.data_set = 'FOLDER' if isinstance(paths, list) else 'WDS'
     speeds, counts = {}, {str(w): loader_batches(args.loader_batches, w) for w in args.workers}
     for backend in args.data_backend:
         make = (lambda w, n: make_dali_loader(paths, config, args.batch_size, w, n)) if backend == 'dali' else \
@@ -460,7 +471,9 @@ def parse_args(argv):
     p.add_argument('--model-ema', action='store_true', help='our loop with the weight EMA main.py keeps by default')
     p.add_argument('--matmul-size', type=int, default=None, help='side of the peak-FLOP/s matmul '
                    '(default 8192 on CUDA, 2048 on CPU)')
-    p.add_argument('--data-folder', default=None, help='folder of images (any depth) to time the DataLoader on')
+    p.add_argument('--data-folder', default=None,
+                   help='folder of images (any depth), or of WebDataset shards (with _info.json), to time the '
+                   'DataLoader on')
     p.add_argument('--data-backend', type=parse_backends, default=['pil'],
                    help='loaders to time: pil, dali or pil,dali (main.py\'s --data-backend)')
     p.add_argument('--baseline-loader', action='store_true',

@@ -125,3 +125,18 @@ def test_the_loader_clock_covers_the_workers_head_start():
         assert bench.loader_images_per_sec(slow_start()) == pytest.approx(32 / 14)
     finally:
         bench.time.perf_counter = real
+
+
+def test_the_loader_timing_reads_a_shard_folder(tmp_path):
+    folder = write_image_folder(str(tmp_path / 'folder'), per_class=(12, 2))
+    made = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'prepare_data.py'), folder,
+                           str(tmp_path / 'shards'), '--shards', '--shard-size', '10'], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'bench.py'), '--model',
+                             'deit_micro_patch2_16', '--input-size', '16', '--batch-size', '8', '--device', 'cpu',
+                             '--steps', '1', '--warmup', '0', '--repeats', '1', '--data-folder',
+                             str(tmp_path / 'shards'), '--workers', '0', '--data-backend', 'pil,dali'],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    speeds = json.loads(result.stdout.strip().splitlines()[-1])['loader_img_s']
+    assert speeds['pil']['0'] > 0 and speeds['dali']['0'] > 0

@@ -192,3 +192,11 @@ def test_start_up_reads_only_the_indexes_of_the_shards_it_touches(folder_and_sha
     dataset[25]
     assert reads == [shards.index_path(str(shard_root), 'train-000002.tar')]
 
+
+
+def test_the_start_up_benchmark_runs_on_a_small_fake_set():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'bench_shard_start.py'), '--shards', '3',
+                             '--per-shard', '40', '--workers', '1'], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row['samples'] == 120 and row['first_batch'] == 64 and row['seconds_to_first_batch'] > 0
