@@ -3,7 +3,7 @@
 Every shell command of a code block, and every inline `python ...`, `torchrun ...`, `bash ...` or `scripts/...` one,
 is checked against the parser it goes through: main.py's (with its -c recipe and a --model timm knows),
 run_with_submitit.py's, torchrun's, each script's own. The commands a CPU runs in seconds are then run as written,
-the tools on 1-epoch runs of the documented trainings, made once per session. A command that is not run has its
+the tools on 1-epoch runs of the documented trainings, made once per test session. A command that is not run has its
 reason (why_not_run): a full training, an ImageNet path, a GPU, a cluster, a download or a template."""
 import argparse
 import contextlib
@@ -428,10 +428,10 @@ def make_what_the_tools_read(work):
 
 @pytest.fixture(scope='module')
 def made(tmp_path_factory):
-    """The folder the tool commands run against, made once per session."""
+    """The folder the tool commands run against, made once per pytest session."""
     root = tmp_path_factory.getbasetemp()
     if 'PYTEST_XDIST_WORKER' in os.environ:
-        root = root.parent  # this session's folder, shared by its workers
+        root = root.parent  # this pytest session's folder, shared by its workers
     work = root / 'docs_made'
     with open(root / 'docs_made.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
