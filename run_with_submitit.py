@@ -20,16 +20,15 @@ import torch
 
 import main as training
 import utils
-from flags import check_flag_ranges
+from flags import FlagParser, check_flag_ranges
 from utils import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Submit DeiT-style training to Slurm with submitit', add_help=False,
-                                     parents=[training.get_args_parser()],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = FlagParser('Submit DeiT-style training to Slurm with submitit', add_help=False,
+                        parents=[training.get_args_parser()], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group('job (submitit / Slurm)')
     g.add_argument('--ngpus', default=8, type=int, help='GPUs per node, one task each (CPU tasks with --device cpu)')
     g.add_argument('--nodes', default=None, type=int, help='nodes to request; default: 2 on Slurm (DeiT\'s), 1 with '

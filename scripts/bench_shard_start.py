@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
 import loaders  # noqa: E402
-import main  # noqa: E402
+import main as training  # noqa: E402
 import shards  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def fake_shard_set(root, count, per_shard, classes=10):
 
 
 def seconds_to_first_batch(root, workers):
-    args = main.parse_args(['--data-set', 'WDS', '--data-path', root, '--model', 'deit_micro_patch2_16',
+    args = training.parse_args(['--data-set', 'WDS', '--data-path', root, '--model', 'deit_micro_patch2_16',
                             '--input-size', '16', '--batch-size', '64', '--num_workers', str(workers),
                             '--device', 'cpu'])
     args.launcher = 'single'  # what main.py's launch detection says for a plain python run
@@ -53,11 +53,16 @@ def seconds_to_first_batch(root, workers):
     return time.perf_counter() - start, len(dataset), batch[0].shape[0]
 
 
-def main_cli(argv=None):
+def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--shards', type=int, default=1000)
     p.add_argument('--per-shard', type=int, default=1000)
     p.add_argument('--workers', type=int, default=2)
+    return p
+
+
+def main(argv=None):
+    p = get_args_parser()
     args = p.parse_args(argv)
     if min(args.shards, args.per_shard) < 1 or args.workers < 0:
         p.error('--shards and --per-shard take 1 or more, --workers 0 or more')
@@ -71,4 +76,4 @@ def main_cli(argv=None):
 
 
 if __name__ == '__main__':
-    main_cli()
+    main()

@@ -50,7 +50,7 @@ def test_parser_lines_are_excluded():
 
 
 DEIT_DEFAULTS = [
-    ('--batch-size', 64), ('--epochs', 300), ('--model', 'deit_base_patch16_224'), ('--input-size', 224),
+    ('--batch-size', 64), ('--epochs', 300), ('--model', 'deit_base_patch16_224'),
     ('--drop', 0.0), ('--drop-path', 0.1), ('--opt', 'adamw'), ('--opt-eps', 1e-8), ('--opt-betas', None),
     ('--clip-grad', None), ('--momentum', 0.9), ('--weight-decay', 0.05), ('--sched', 'cosine'),
     ('--lr', 5e-4), ('--warmup-lr', 1e-6), ('--min-lr', 1e-5), ('--warmup-epochs', 5),
@@ -59,9 +59,10 @@ DEIT_DEFAULTS = [
     ('--reprob', 0.25), ('--remode', 'pixel'), ('--recount', 1), ('--mixup', 0.8), ('--cutmix', 1.0),
     ('--cutmix-minmax', None), ('--mixup-prob', 1.0), ('--mixup-switch-prob', 0.5), ('--mixup-mode', 'batch'),
     ('--model-ema-decay', 0.99996), ('--finetune', ''), ('--inat-category', 'name'), ('--output_dir', ''),
-    ('--seed', 0), ('--resume', ''), ('--start_epoch', 0), ('--num_workers', 10),
-    ('--accum-iter', 1),
+    ('--seed', 0), ('--resume', ''), ('--start_epoch', 0), ('--accum-iter', 1),
 ]
+# --input-size (the model's own: 224 for DeiT's default model) and --num-workers (10, or the cores when fewer) are
+# resolved from the model and the machine: rows of the table of differences, tested below.
 
 DEIT_SWITCHES = [
     ('repeated_aug', True, '--repeated-aug', '--no-repeated-aug'), ('model_ema', True, '--model-ema', '--no-model-ema'),
@@ -84,6 +85,12 @@ def test_deit_flag_default(flag, default):
     value = parser.get_default(action.dest)
     assert value == default and type(value) is type(default)
     assert getattr(parser.parse_args([]), action.dest) == default
+
+
+def test_deits_default_model_trains_at_224_and_workers_are_10_where_there_are_the_cores():
+    import flags
+    args = main.get_args_parser().parse_args([])
+    assert args.input_size == 224 and args.num_workers == min(10, flags.default_workers())
 
 
 @pytest.mark.parametrize('dest, default, on, off', DEIT_SWITCHES)
@@ -128,7 +135,9 @@ def test_help_shows_groups():
             current = flag.rstrip(',')
         elif line.startswith('    ') and entries:
             entries[current] += ' ' + line.strip()
-    for flag, default in (('--epochs', '300'), ('--seed', '0'), ('--num-workers', '10'), ('--min-lr', '1e-05'),
+    import flags
+    for flag, default in (('--epochs', '300'), ('--seed', '0'), ('--num-workers', str(flags.default_workers())),
+                          ('--min-lr', '1e-05'),
                           ('--warmup-lr', '1e-06'), ('--color-jitter', '0.3'), ('--model-ema-decay', '0.99996'),
                           ('--skip-nonfinite', '0')):
         assert f'(default: {default})' in entries[flag], entries[flag]
