@@ -200,3 +200,17 @@ def test_the_start_up_benchmark_runs_on_a_small_fake_set():
     assert result.returncode == 0, result.stderr
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row['samples'] == 120 and row['first_batch'] == 64 and row['seconds_to_first_batch'] > 0
+
+
+def test_webp_and_png_members_decode_as_image_files_do(tmp_path):
+    def encoded(fmt):
+        buffer = io.BytesIO()
+        Image.new('RGB', (12, 10), (10, 120, 230)).save(buffer, fmt, **({'lossless': True} if fmt == 'WEBP' else {}))
+        return buffer.getvalue()
+    samples = [('a', {'webp': encoded('WEBP'), 'cls': b'1'}), ('b', {'png': encoded('PNG'), 'cls': b'0'})]
+    written = shards.write_shards(samples, str(tmp_path), 'train', 10)
+    shards.write_info(str(tmp_path), {'train': written})
+    dataset = ShardDataset(str(tmp_path), 'train', ['x', 'y'])
+    for index, label in ((0, 1), (1, 0)):
+        image, got = dataset[index]
+        assert got == label and image.size == (12, 10) and image.getpixel((3, 3)) == (10, 120, 230)
