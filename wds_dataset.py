@@ -51,7 +51,7 @@ class ShardDataset(torch.utils.data.Dataset):
     into an image (main.py swaps it per stage, as for image folders)."""
 
     def __init__(self, root, split, classes, transform=None, label_key='cls', index_dir=None):
-        info = shards.load_split_info(root, split)
+        info = shards.load_split_info(root, split, cache_dir=index_dir)
         self.root, self.split, self.classes, self.transform = root, split, classes, transform
         self.label_key, self.index_dir, self.loader = label_key, index_dir, load_rgb
         self.filenames, self.lengths = list(info.filenames), list(info.shard_lengths)
