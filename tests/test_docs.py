@@ -367,6 +367,8 @@ def why_not_run(command):
         return 'downloads published weights'
     if '/path/to/' in text and script not in ('scripts/folder2lmdb.py', 'scripts/prepare_data.py'):
         return 'needs ImageNet at /path/to/imagenet'
+    if ' /data/' in f' {text}':
+        return 'needs a data set downloaded to /data'
     if is_training(command):
         if command in tool_trainings():
             return TRAINING_SHRUNK.format(epochs=main.parse_args(in_root(list(command.argv[1:]))).epochs)
