@@ -201,13 +201,14 @@ def test_ctrl_c_inside_a_write_leaves_no_part_of_the_file(src_and_clean_copy, tm
 
 
 INTERRUPT_AFTER_FIRST_IMAGE = f'''
-import os, signal, sys
+import os, signal, sys, time
 sys.path.insert(0, {os.path.join(ROOT, 'scripts')!r})
 import prepare_data
 add = prepare_data.Progress.add
 def add_then_press_ctrl_c(self, outcome):
     add(self, outcome)
     os.killpg(os.getpgrp(), signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the group gets it
+    time.sleep(30)  # the interrupt lands here, before the copy can finish, however loaded the machine
 prepare_data.Progress.add = add_then_press_ctrl_c
 sys.exit(prepare_data.main())
 '''
