@@ -200,34 +200,6 @@ def test_ctrl_c_inside_a_write_leaves_no_part_of_the_file(src_and_clean_copy, tm
     assert snapshot(dst) == clean
 
 
-INTERRUPT_AFTER_FIRST_IMAGE = f'''
-import os, signal, sys, time
-sys.path.insert(0, {os.path.join(ROOT, 'scripts')!r})
-import prepare_data
-add = prepare_data.Progress.add
-def add_then_press_ctrl_c(self, outcome):
-    add(self, outcome)
-    os.killpg(os.getpgrp(), signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the group gets it
-    time.sleep(30)  # the interrupt lands here, before the copy can finish, however loaded the machine
-prepare_data.Progress.add = add_then_press_ctrl_c
-sys.exit(prepare_data.main())
-'''
-
-
-def test_ctrl_c_with_worker_processes_is_one_line_and_a_rerun_completes(src_and_clean_copy, tmp_path, capsys):
-    src, clean = src_and_clean_copy
-    dst = tmp_path / 'dst'
-    interrupted = subprocess.run([sys.executable, '-c', INTERRUPT_AFTER_FIRST_IMAGE, src, dst, '--workers', '2'],
-                                 capture_output=True, text=True, timeout=300, start_new_session=True)
-    assert interrupted.returncode == 130
-    assert interrupted.stderr == f'interrupted: the copy in {dst} is unfinished; run the same command again to ' \
-                                 'complete it\n'  # and no traceback from the workers
-    assert temporary_files(dst) == [] and not marker(dst)['complete']
-    code, out, _ = prepare(capsys, src, dst)
-    assert code == 0 and out.strip().endswith(f'{dst} is a complete copy ({dst / "prepare_data.json"})')
-    assert snapshot(dst) == clean
-
-
 def test_a_complete_copy_is_left_as_it_is(src_and_clean_copy, tmp_path, capsys):
     src, clean = src_and_clean_copy
     dst = tmp_path / 'clean'
