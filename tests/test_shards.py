@@ -222,14 +222,7 @@ sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import prepare_data  # noqa: E402
 
 
-def prepare(capsys, *argv, workers=1):
-    """(exit code, stdout, stderr) of the script run in this process."""
-    try:
-        code = prepare_data.main([*map(str, argv), '--workers', str(workers)])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from test_prepare_data import prepare  # noqa: E402 - the script run in this process
 
 
 def read_shard_set(root, split):
