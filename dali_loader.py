@@ -6,17 +6,24 @@ evaluation shards), as uint8 (B, 3, H, W) images that loaders.DeviceFinish norma
 follow in the train loop, as for the pil backend. A loader builds its pipeline once (one per multi-size stage,
 one per evaluation size) and feeds it each pass's order, so a new epoch or a mid-epoch resume starts at once.
 What DALI draws (crops, flips, RandAugment) follows DALI's RNG, seeded from the first pass's first sample seed:
-the images and their order are the pil backend's, their augmentations are not.
+the images and their order are the pil backend's, their augmentations are not. Which files are used is the pil
+backend's verdict too (CheckedSamples).
 """
+import collections
 import importlib
+import io
+import json
 import math
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+import utils
 from datasets import auto_augment_policy, preprocessing
+from images import BadImageError, load_rgb
 from utils import UserError
 
 DATA_SETS = ('IMNET', 'FOLDER', 'LIST', 'INAT18', 'INAT19', 'WDS')  # data sets of encoded image files
@@ -46,8 +53,6 @@ def check_flags(args):
                                          f'{", ".join(DATA_SETS)})'),
         (args.use_lmdb, '--use-lmdb (DALI has no reader for this LMDB layout)'),
         (args.ThreeAugment, '--ThreeAugment (a pil-backend pipeline)'),
-        (args.skip_bad_images, '--skip-bad-images (DALI stops at an unreadable file; find them first with '
-                               'scripts/prepare_data.py)'),
         (args.train_interpolation not in INTERPOLATIONS, f'--train-interpolation {args.train_interpolation} '
                                                          f'(DALI: {", ".join(INTERPOLATIONS)})'),
         (aa is not None and not RAND_AUGMENT.match(aa), f'--aa {args.aa} (DALI has RandAugment, rand-mM-nN, '
@@ -112,14 +117,16 @@ class DaliLoader:
     """A DataLoader look-alike: len() batches of (uint8 images, int64 labels) in the order of `sampler`, through one
     DALI pipeline built at the first pass and fed every later pass's order (a new epoch, a mid-epoch resume), so an
     epoch starts without a rebuild. `sampler.set_epoch` works as for the pil backend's loaders. The files of the
-    next batches are read by `num_threads` threads while DALI decodes the ones before."""
+    next batches are read (and judged by pil, see CheckedSamples) by `num_threads` threads while DALI decodes the
+    ones before. With --skip-bad-images a training batch carries a third tensor, the samples passed over for each
+    image, as the pil backend's; an evaluation batch whose images were all unreadable is None."""
 
     PREFETCH = 2  # batches in DALI's queue ahead of the one handed over
 
-    def __init__(self, encoded, sampler, batch_size, pipeline, drop_last, device, num_threads):
-        self.encoded, self.sampler, self.batch_size, self.pipeline = encoded, sampler, batch_size, pipeline
+    def __init__(self, samples, sampler, batch_size, pipeline, drop_last, device, num_threads):
+        self.samples, self.sampler, self.batch_size, self.pipeline = samples, sampler, batch_size, pipeline
         self.drop_last, self.device, self.num_threads = drop_last, torch.device(device), max(num_threads, 1)
-        self.pipe, self.builds = None, 0
+        self.pipe, self.builds, self.seed = None, 0, 0
 
     def __len__(self):
         n = len(self.sampler)
@@ -130,87 +137,213 @@ class DaliLoader:
             return
         order = list(self.sampler)
         indices = [item[0] if isinstance(item, tuple) else item for item in order]
-        if self.pipe is None:
-            self._build(seed=order[0][1] % 2 ** 31 if isinstance(order[0], tuple) else 0)
+        if self.pipe is None and self.builds == 0:
+            self.seed = order[0][1] % 2 ** 31 if isinstance(order[0], tuple) else 0
         batches = [indices[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)]
-        reads = _FileReads(self.encoded, batches, self.num_threads, ahead=self.PREFETCH + 2)
-        self.in_flight = 0
+        self.handed = 0
+        while self.handed < len(batches):
+            if self.pipe is None:
+                self._build()
+            try:
+                yield from self._pass(batches[self.handed:])
+            except _DaliFailure as failure:
+                self.samples.repair(failure.indices, self._decodes_alone(), failure.error)
+
+    def _pass(self, batches):
+        """The batches, through the pipeline; a failed DALI run ends the pass with _DaliFailure naming the samples
+        DALI held (the pipeline is then unusable)."""
+        reads = _BatchReads(self.samples, batches, self.num_threads, ahead=self.PREFETCH + 2)
+        held = collections.deque()  # (sample indices, passed over) of each batch fed to DALI, oldest first
         try:
-            self._start([reads.next() for _ in range(min(self.PREFETCH, len(batches)))])
+            self._start([reads.next() for _ in range(min(self.PREFETCH, len(batches)))], held)
             for k in range(len(batches)):
-                images, labels = self._outputs(batches[k:k + self.in_flight])
-                self.in_flight -= 1
-                batch = _to_torch(images, torch.uint8, self.device), \
-                    _to_torch(labels, torch.int32, self.device).view(-1).long()
+                try:
+                    images, labels = self.pipe.outputs()
+                except RuntimeError as e:
+                    self.pipe = None  # DALI: "Current pipeline object is no longer valid"
+                    raise _DaliFailure([i for indices, _ in held for i in indices], e) from e
+                _, skipped = held.popleft()
                 if k + self.PREFETCH < len(batches):
-                    self._schedule(reads.next())
+                    self._schedule(reads.next(), held)
+                batch = self._batch(images, labels, skipped)
+                self.handed += 1
                 yield batch
         finally:  # also when the consumer stops early: the next pass must not get this one's batches
-            for _ in range(self.in_flight):
-                self.pipe.outputs()
+            self._drain(held)
             reads.close()
 
-    def _outputs(self, in_flight):
-        """The oldest scheduled batch; a file DALI cannot decode is a one-line error that names it (DALI's own
-        message names neither file nor batch, and the pipeline is then unusable)."""
-        try:
-            return self.pipe.outputs()
-        except RuntimeError as e:
-            self.pipe, self.in_flight = None, 0  # DALI: "Current pipeline object is no longer valid"
-            raise undecodable([i for batch in in_flight for i in batch], e, self.encoded) from e
+    def _batch(self, images, labels, skipped):
+        if len(images) == 0:
+            return None  # evaluation under --skip-bad-images: every image of the batch was unreadable
+        batch = (_to_torch(images, torch.uint8, self.device),
+                 _to_torch(labels, torch.int32, self.device).view(-1).long())
+        return batch + (torch.tensor(skipped),) if self.samples.refill else batch
 
-    def _start(self, reads):
+    def _drain(self, held):
+        try:
+            for _ in range(len(held) if self.pipe is not None else 0):
+                self.pipe.outputs()
+        except RuntimeError:
+            self.pipe = None  # rebuilt by the next pass
+
+    def _start(self, reads, held):
         """Feed and schedule the first batches. A new pipeline's first schedule_run runs PREFETCH iterations, so a
         pass shorter than that repeats its last batch (drained at the end)."""
         if not self.first_pass:
             for read in reads:
-                self._schedule(read)
+                self._schedule(read, held)
             return
         self.first_pass = False
         for read in reads + reads[-1:] * (self.PREFETCH - len(reads)):
-            self._feed(read)
+            self._feed(read, held)
         self.pipe.schedule_run()
-        self.in_flight = self.PREFETCH
 
-    def _schedule(self, read):
-        self._feed(read)
+    def _schedule(self, read, held):
+        self._feed(read, held)
         self.pipe.schedule_run()
-        self.in_flight += 1
 
-    def _build(self, seed):
-        on_gpu = self.device.type == 'cuda'
-        self.pipe = self.pipeline(on_gpu=on_gpu, batch_size=self.batch_size, num_threads=self.num_threads,
-                                  seed=seed, device_id=self._device_id() if on_gpu else None,
-                                  prefetch_queue_depth=self.PREFETCH)
-        self.pipe.build()
-        self.builds, self.first_pass = self.builds + 1, True
-
-    def _feed(self, read):
-        files, labels = read
+    def _feed(self, read, held):
+        files, labels, indices, skipped = read
         self.pipe.feed_input('encoded', files)
         self.pipe.feed_input('labels', labels)
+        held.append((indices, skipped))
+
+    def _new_pipeline(self, batch_size, prefetch):
+        on_gpu = self.device.type == 'cuda'
+        pipe = self.pipeline(on_gpu=on_gpu, batch_size=batch_size, num_threads=self.num_threads, seed=self.seed,
+                             device_id=self._device_id() if on_gpu else None, prefetch_queue_depth=prefetch)
+        pipe.build()
+        return pipe
+
+    def _build(self):
+        self.pipe = self._new_pipeline(self.batch_size, self.PREFETCH)
+        self.builds, self.first_pass = self.builds + 1, True
+
+    def _decodes_alone(self):
+        """data -> whether this loader's pipeline, built for one sample, takes that one encoded file."""
+        probe = {}
+
+        def decodes(data):
+            if 'pipe' not in probe:
+                probe['pipe'] = self._new_pipeline(batch_size=1, prefetch=1)
+            probe['pipe'].feed_input('encoded', [data])
+            probe['pipe'].feed_input('labels', [np.zeros(1, dtype=np.int32)])
+            try:
+                probe['pipe'].run()
+                return True
+            except RuntimeError:
+                del probe['pipe']  # unusable after a failure
+                return False
+        return decodes
 
     def _device_id(self):
         """--device cuda:N, else the device torchrun / Slurm set for this rank."""
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
 
-def undecodable(indices, error, encoded):
-    """BadImageError for the first sample of `indices` that the pil backend cannot read either, else for the group."""
-    from images import BadImageError, load_rgb
-    names = []
-    for i in indices:
-        data, _, name = encoded(i)
-        names.append(name)
-        try:
-            load_rgb(name, data)
-        except BadImageError as bad:
-            return BadImageError(f'{str(bad).split("; ")[0]}; remove it (or train with --data-backend pil '
-                                 '--skip-bad-images, which DALI lacks)')
-    reason = str(error).strip().splitlines()[0][:200]
-    shown = ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
-    return BadImageError(f'DALI cannot decode one of {shown}, which the pil backend reads ({reason}); convert it '
-                         '(scripts/prepare_data.py rewrites every image) or use --data-backend pil')
+class _DaliFailure(Exception):
+    def __init__(self, indices, error):
+        super().__init__(str(error))
+        self.indices, self.error = indices, error
+
+
+class CheckedSamples:
+    """The encoded samples of a data set under one rule for both backends: a file is used when the pil decoder
+    reads it. Each file is decoded once by pil, the first time this process reads it (not in a set written by
+    scripts/prepare_data.py, which decoded every file already). A file pil refuses stops the run with the pil
+    backend's error, or under --skip-bad-images is passed over as the pil backend does: a training sample by the
+    next readable one of the data set, an evaluation sample left out. A file pil reads but DALI cannot decode is
+    fed to DALI from then on as a lossless PNG of pil's decode, with a note."""
+
+    UNKNOWN, GOOD, BAD = 0, 1, 2
+
+    def __init__(self, encoded, verdicts, skip=False, refill=False):
+        self.encoded, self.skip, self.refill = encoded, skip, refill and skip
+        self.verdicts = verdicts  # shared by every loader of the data set: (state per sample, PNG substitutes)
+
+    def read(self, index):
+        """(encoded file, label, index read, samples passed over) for sample `index`; None for an evaluation sample
+        passed over."""
+        state, substitutes = self.verdicts
+        n = len(state)
+        for skipped in range(n if self.refill else 1):
+            i = (index + skipped) % n
+            try:
+                data, label, name = self.encoded(i)
+                self._judge(i, name, data)
+            except BadImageError:
+                if not self.skip:
+                    raise
+                continue
+            return substitutes.get(i, data), label, i, skipped
+        if self.refill:
+            raise BadImageError(f'none of the {n} items of the dataset could be read; check the data')
+        return None
+
+    def _judge(self, i, name, data):
+        state = self.verdicts[0]
+        if state[i] == self.BAD:
+            raise BadImageError(f'unreadable image {name}')
+        if state[i] == self.UNKNOWN:
+            try:
+                load_rgb(name, data)
+            except BadImageError:
+                state[i] = self.BAD
+                raise
+            state[i] = self.GOOD
+
+    def repair(self, indices, dali_decodes, error):
+        """After DALI failed on a batch holding samples `indices`: each file DALI cannot decode alone is judged by
+        pil (an unreadable image, as in read(), or a PNG substitute from then on). Raises when no file explains
+        the failure."""
+        state, substitutes = self.verdicts
+        found = False
+        for i in dict.fromkeys(indices):
+            data, _, name = self.encoded(i)
+            if i in substitutes or dali_decodes(data):
+                continue
+            found = True
+            try:
+                substitutes[i] = _png(load_rgb(name, data))
+            except BadImageError:
+                state[i] = self.BAD
+                if not self.skip:
+                    raise
+            else:
+                state[i] = self.GOOD
+                utils.log(f'note: DALI cannot decode {name}, which pil reads; DALI is given pil\'s decode of it')
+        if not found:
+            names = [self.encoded(i)[2] for i in dict.fromkeys(indices)]
+            shown = ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
+            reason = str(error).strip().splitlines()[0][:200]
+            raise UserError(f'DALI failed on the batches of {shown}, though it decodes each of them alone '
+                            f'({reason}); run with --data-backend pil')
+
+
+def checked_samples(dataset, data_path, skip, refill):
+    """CheckedSamples of `dataset`, whose verdicts every loader of it (each multi-size stage) shares."""
+    if not hasattr(dataset, 'pil_verdicts'):
+        prepared = written_by_prepare_data(data_path)
+        state = np.full(len(dataset), CheckedSamples.GOOD if prepared else CheckedSamples.UNKNOWN, dtype=np.int8)
+        dataset.pil_verdicts = (state, {})
+    return CheckedSamples(encoded_samples(dataset), dataset.pil_verdicts, skip, refill)
+
+
+def written_by_prepare_data(root):
+    """Whether `root` is a complete copy or shard set of scripts/prepare_data.py, every image of which pil read."""
+    try:
+        with open(os.path.join(root, 'prepare_data.json')) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get('made_by') == 'scripts/prepare_data.py' \
+        and marker.get('complete') is True
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, 'PNG', compress_level=1)
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
 
 
 def encoded_samples(dataset):
@@ -229,27 +362,27 @@ def encoded_samples(dataset):
     return from_files
 
 
-class _FileReads:
-    """The encoded images of each batch, in order, read by a thread pool at most `ahead` batches ahead."""
+class _BatchReads:
+    """(encoded files, labels, sample indices, samples passed over) of each batch, in order, read by a thread pool at
+    most `ahead` batches ahead."""
 
-    def __init__(self, encoded, batches, threads, ahead):
-        self.encoded, self.batches, self.ahead = encoded, batches, ahead
+    def __init__(self, samples, batches, threads, ahead):
+        self.samples, self.batches, self.ahead = samples, batches, ahead
         self.pool, self.pending, self.submitted = ThreadPoolExecutor(threads), [], 0
 
     def next(self):
-        """(encoded images, labels) of the next batch."""
         while self.submitted < len(self.batches) and len(self.pending) < self.ahead:
-            self.pending.append([self.pool.submit(self.encoded, i) for i in self.batches[self.submitted]])
+            self.pending.append([self.pool.submit(self.samples.read, i) for i in self.batches[self.submitted]])
             self.submitted += 1
-        samples = [f.result() for f in self.pending.pop(0)]
-        return [data for data, _, _ in samples], [np.array([label], dtype=np.int32) for _, label, _ in samples]
+        read = [r for r in (f.result() for f in self.pending.pop(0)) if r is not None]
+        return ([data for data, _, _, _ in read], [np.array([label], dtype=np.int32) for _, label, _, _ in read],
+                [i for _, _, i, _ in read], [skipped for _, _, _, skipped in read])
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _read_file(path):
-    from images import BadImageError
     try:
         return np.fromfile(path, dtype=np.uint8)
     except OSError as e:
@@ -340,11 +473,13 @@ def eval_pipeline(args):
 
 def build_train_loader(args, dataset, sampler, batch_size):
     """args: flags that check_flags has passed."""
-    return DaliLoader(encoded_samples(dataset), sampler, batch_size, train_pipeline(args), drop_last=True,
+    samples = checked_samples(dataset, args.data_path, args.skip_bad_images, refill=True)
+    return DaliLoader(samples, sampler, batch_size, train_pipeline(args), drop_last=True,
                       device=args.device, num_threads=args.num_workers)
 
 
 def build_val_loader(args, dataset, sampler, batch_size):
     """args: flags that check_flags has passed."""
-    return DaliLoader(encoded_samples(dataset), sampler, batch_size, eval_pipeline(args), drop_last=False,
+    samples = checked_samples(dataset, args.data_path, args.skip_bad_images, refill=False)
+    return DaliLoader(samples, sampler, batch_size, eval_pipeline(args), drop_last=False,
                       device=args.device, num_threads=args.num_workers)

@@ -232,6 +232,10 @@ class ImageFiles(Dataset):
     def __getitem__(self, index):
         return self.transform(self.loader(self.paths[index])), 0
 
+    @property
+    def samples(self):  # the (path, label) pairs the dali backend reads
+        return [(path, 0) for path in self.paths]
+
 
 def image_files(folder):
     return sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
@@ -263,10 +267,10 @@ def make_pil_loader(paths, config, batch_size, workers, baseline, batches):
 
 def make_dali_loader(paths, config, batch_size, workers, batches):
     """main.py's dali loader (GPU decoding on cuda, DALI's CPU mode on the CPU) with `workers` DALI threads, over
-    `batches` batches."""
+    `batches` batches. As in main.py's first epoch, pil checks each file once (docs/data.md)."""
     config = argparse.Namespace(**dict(vars(config), num_workers=workers))
     loaders.dali_loader.check_flags(config)
-    files = argparse.Namespace(samples=[(path, 0) for path in paths]) if isinstance(paths, list) else paths
+    files = ImageFiles(paths, None, None) if isinstance(paths, list) else paths
     order = torch.randint(len(paths), (batches * batch_size,), generator=torch.Generator().manual_seed(0))
     return loaders.dali_loader.build_train_loader(config, files, order.tolist(), batch_size)
 
@@ -291,6 +295,7 @@ def loader_speeds(args, config):
         raise ValueError(f'--data-folder {args.data_folder} holds {len(paths)} images, fewer than one batch of '
                          f'{args.batch_size}; add images or lower --batch-size')
     config.data_set = 'FOLDER' if isinstance(paths, list) else 'WDS'
+    config.data_path = args.data_folder
     speeds, counts = {}, {str(w): loader_batches(args.loader_batches, w) for w in args.workers}
     for backend in args.data_backend:
         make = (lambda w, n: make_dali_loader(paths, config, args.batch_size, w, n)) if backend == 'dali' else \
