@@ -331,6 +331,8 @@ def checked_samples(dataset, data_path, skip, refill):
 
 def written_by_prepare_data(root):
     """Whether `root` is a complete copy or shard set of scripts/prepare_data.py, every image of which pil read."""
+    if not root:
+        return False
     try:
         with open(os.path.join(root, 'prepare_data.json')) as f:
             marker = json.load(f)
