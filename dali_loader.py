@@ -24,6 +24,7 @@ import torch
 import utils
 from datasets import auto_augment_policy, preprocessing
 from images import BadImageError, load_rgb
+from samplers import first_readable
 from utils import UserError
 
 DATA_SETS = ('IMNET', 'FOLDER', 'LIST', 'INAT18', 'INAT19', 'WDS')  # data sets of encoded image files
@@ -221,18 +222,19 @@ class DaliLoader:
 
     def _decodes_alone(self):
         """data -> whether this loader's pipeline, built for one sample, takes that one encoded file."""
-        probe = {}
+        probe = None
 
         def decodes(data):
-            if 'pipe' not in probe:
-                probe['pipe'] = self._new_pipeline(batch_size=1, prefetch=1)
-            probe['pipe'].feed_input('encoded', [data])
-            probe['pipe'].feed_input('labels', [np.zeros(1, dtype=np.int32)])
+            nonlocal probe
+            if probe is None:
+                probe = self._new_pipeline(batch_size=1, prefetch=1)
+            probe.feed_input('encoded', [data])
+            probe.feed_input('labels', [np.zeros(1, dtype=np.int32)])
             try:
-                probe['pipe'].run()
+                probe.run()
                 return True
             except RuntimeError:
-                del probe['pipe']  # unusable after a failure
+                probe = None  # unusable after a failure
                 return False
         return decodes
 
@@ -264,21 +266,14 @@ class CheckedSamples:
     def read(self, index):
         """(encoded file, label, index read, samples passed over) for sample `index`; None for an evaluation sample
         passed over."""
-        state, substitutes = self.verdicts
-        n = len(state)
-        for skipped in range(n if self.refill else 1):
-            i = (index + skipped) % n
-            try:
-                data, label, name = self.encoded(i)
-                self._judge(i, name, data)
-            except BadImageError:
-                if not self.skip:
-                    raise
-                continue
-            return substitutes.get(i, data), label, i, skipped
-        if self.refill:
-            raise BadImageError(f'none of the {n} items of the dataset could be read; check the data')
-        return None
+        skip = (BadImageError,) if self.skip else ()
+        found = first_readable(self._read_judged, index, len(self.verdicts[0]), skip, self.refill)
+        return None if found is None else (*found[0], found[1])
+
+    def _read_judged(self, i):
+        data, label, name = self.encoded(i)
+        self._judge(i, name, data)
+        return self.verdicts[1].get(i, data), label, i
 
     def _judge(self, i, name, data):
         state = self.verdicts[0]
@@ -297,9 +292,10 @@ class CheckedSamples:
         pil (an unreadable image, as in read(), or a PNG substitute from then on). Raises when no file explains
         the failure."""
         state, substitutes = self.verdicts
-        found = False
+        found, names = False, []
         for i in dict.fromkeys(indices):
             data, _, name = self.encoded(i)
+            names.append(name)
             if i in substitutes or dali_decodes(data):
                 continue
             found = True
@@ -313,7 +309,6 @@ class CheckedSamples:
                 state[i] = self.GOOD
                 utils.log(f'note: DALI cannot decode {name}, which pil reads; DALI is given pil\'s decode of it')
         if not found:
-            names = [self.encoded(i)[2] for i in dict.fromkeys(indices)]
             shown = ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
             reason = str(error).strip().splitlines()[0][:200]
             raise UserError(f'DALI failed on the batches of {shown}, though it decodes each of them alone '

@@ -147,16 +147,11 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        tries = len(self.dataset) if self.refill else 1
-        for skipped in range(tries):
-            try:
-                sample = self._load((index + skipped) % len(self.dataset), seed)
-            except self.skip:
-                if not self.refill:
-                    return None
-                continue
-            return (*sample, skipped) if self.refill else sample
-        raise self.skip[0](f'none of the {tries} items of the dataset could be read; check the data')
+        found = first_readable(lambda i: self._load(i, seed), index, len(self.dataset), self.skip, self.refill)
+        if found is None:
+            return None
+        sample, skipped = found
+        return (*sample, skipped) if self.refill else sample
 
     def _load(self, index, seed):
         if seed is None:
@@ -171,6 +166,20 @@ class SeededDataset(Dataset):
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+def first_readable(load, index, size, skip, refill):
+    """(load(i), items passed over) for the first i of index, index + 1, ... (wrapping at size) whose load raises
+    none of the exception types in `skip`. Without `refill` only `index` is tried, and None stands for it when it
+    raises one of them: the rule of both backends for unreadable images."""
+    for skipped in range(size if refill else 1):
+        try:
+            return load((index + skipped) % size), skipped
+        except skip:
+            continue
+    if refill:
+        raise skip[0](f'none of the {size} items of the dataset could be read; check the data')
+    return None
 
 
 def collate_skipping_none(batch):
